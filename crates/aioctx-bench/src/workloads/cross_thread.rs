@@ -1,0 +1,194 @@
+//! Workload 2: cross-thread post round trip.
+//!
+//! The measuring thread posts work to a loop running on another thread,
+//! the loop runs it, and the work wakes the measuring thread through the
+//! same [`Reply`] (park/unpark) for every system, so systems differ only in
+//! how work gets onto the loop and how the loop wakes up. One round trip at a
+//! time; reports ns per round trip.
+//!
+//! * aioctx: `bh_schedule_oneshot` from the other thread; the loop thread spins
+//!   on `poll(true)`.
+//! * floor: [`crate::floor`], a queue + eventfd + epoll_wait.
+//! * tokio: `Handle::spawn` onto a current_thread runtime blocked in `block_on`
+//!   (no IO driver: tokio then parks on a futex, its fastest configuration).
+//! * calloop: a `calloop::channel` carrying the reply handle.
+//! * glib: `MainContext::invoke` on a context its loop thread has acquired.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use aioctx::AioContext;
+
+use crate::floor::FloorLoop;
+use crate::harness::{self, ns_per_op, Contender, Scale, System};
+use crate::workloads::{Reply, Report};
+
+const NAME: &str = "2 cross-thread post round trip";
+
+/// Runs the workload.
+pub fn run(scale: Scale, report: &mut Report) {
+    let n = scale.n(200_000, 40_000);
+    let contenders = vec![aioctx(n), floor(n), tokio(n), calloop(n), glib(n)];
+    report
+        .rows
+        .extend(harness::run(NAME, scale.rounds(15, 5), contenders));
+}
+
+/// A loop running on its own thread, stopped and joined on drop.
+pub struct LoopThread {
+    stop: Option<Box<dyn FnOnce()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoopThread {
+    /// Spawns `body`, which sends back whatever the poster needs through its
+    /// sender and then runs the loop. Returns that value and the thread; give
+    /// the thread its stop function with [`LoopThread::stop_with`].
+    pub fn spawn<T: Send + 'static>(
+        name: &str,
+        body: impl FnOnce(mpsc::Sender<T>) + Send + 'static,
+    ) -> (T, LoopThread) {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(tx))
+            .expect("spawn loop thread");
+        let v = rx.recv().expect("loop thread started");
+        let lp = LoopThread {
+            stop: None,
+            thread: Some(thread),
+        };
+        (v, lp)
+    }
+
+    /// Sets the function called on drop, which must make the loop return.
+    pub fn stop_with(mut self, stop: impl FnOnce() + 'static) -> LoopThread {
+        self.stop = Some(Box::new(stop));
+        self
+    }
+}
+
+impl Drop for LoopThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("loop thread panicked");
+        }
+    }
+}
+
+/// One round: `n` sequential round trips. `post` must get `reply.signal()`
+/// called on the loop thread, in whatever way is natural for the system.
+fn round_trips(n: u64, post: &dyn Fn(Arc<Reply>)) -> Vec<f64> {
+    let reply = Reply::new();
+    vec![ns_per_op(n, || {
+        for _ in 0..n {
+            post(reply.clone());
+            reply.wait();
+        }
+    })]
+}
+
+fn aioctx(n: u64) -> Contender<'static> {
+    let ctx = AioContext::new().expect("aioctx");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c, s) = (ctx.clone(), stop.clone());
+    let ((), lp) = LoopThread::spawn("aioctx-loop", move |tx| {
+        tx.send(()).unwrap();
+        while !s.load(Ordering::SeqCst) {
+            c.poll(true);
+        }
+    });
+    let c = ctx.clone();
+    let lp = lp.stop_with(move || {
+        stop.store(true, Ordering::SeqCst);
+        c.notify();
+    });
+    Contender::new(System::Aioctx, move || {
+        let _keep = &lp;
+        round_trips(n, &|r| ctx.bh_schedule_oneshot(move || r.signal()))
+    })
+}
+
+fn floor(n: u64) -> Contender<'static> {
+    let lp = FloorLoop::start(|| {}).expect("floor loop");
+    let h = lp.handle();
+    Contender::new(System::Floor, move || {
+        let _keep = &lp;
+        round_trips(n, &|r| h.post(Box::new(move || r.signal())))
+    })
+}
+
+fn tokio(n: u64) -> Contender<'static> {
+    let (handle, lp) = LoopThread::spawn("tokio-loop", |tx| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("tokio runtime");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        tx.send((rt.handle().clone(), stop_tx)).unwrap();
+        rt.block_on(async {
+            let _ = stop_rx.await;
+        });
+    });
+    let (handle, stop_tx) = handle;
+    let lp = lp.stop_with(move || {
+        let _ = stop_tx.send(());
+    });
+    Contender::new(System::Tokio, move || {
+        let _keep = &lp;
+        round_trips(n, &|r| {
+            handle.spawn(async move { r.signal() });
+        })
+    })
+}
+
+fn calloop(n: u64) -> Contender<'static> {
+    let ((sender, signal), lp) = LoopThread::spawn("calloop-loop", |tx| {
+        let mut el = calloop::EventLoop::<()>::try_new().expect("calloop loop");
+        let (sender, chan) = calloop::channel::channel::<Arc<Reply>>();
+        el.handle()
+            .insert_source(chan, |ev, _, _| {
+                if let calloop::channel::Event::Msg(r) = ev {
+                    r.signal();
+                }
+            })
+            .expect("insert channel");
+        tx.send((sender, el.get_signal())).unwrap();
+        el.run(None, &mut (), |_| {}).expect("calloop run");
+    });
+    let lp = lp.stop_with(move || {
+        signal.stop();
+        signal.wakeup();
+    });
+    Contender::new(System::Calloop, move || {
+        let _keep = &lp;
+        round_trips(n, &|r| sender.send(r).expect("calloop send"))
+    })
+}
+
+fn glib(n: u64) -> Contender<'static> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let (ctx, lp) = LoopThread::spawn("glib-loop", move |tx| {
+        let ctx = glib::MainContext::new();
+        // Own the context for the thread's whole life: otherwise `invoke`
+        // from another thread may run the closure on the caller's thread.
+        let _owner = ctx.acquire().expect("acquire glib context");
+        tx.send(ctx.clone()).unwrap();
+        while !stop2.load(Ordering::SeqCst) {
+            ctx.iteration(true);
+        }
+    });
+    let waker = ctx.clone();
+    let lp = lp.stop_with(move || {
+        stop.store(true, Ordering::SeqCst);
+        waker.wakeup();
+    });
+    Contender::new(System::Glib, move || {
+        let _keep = &lp;
+        round_trips(n, &|r| ctx.invoke(move || r.signal()))
+    })
+}
