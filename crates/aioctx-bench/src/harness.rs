@@ -174,6 +174,34 @@ pub fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// Restricts the calling thread to the CPUs in `cpus` (all online CPUs when
+/// empty). Threads spawned afterwards inherit the mask.
+pub fn pin_current_thread(cpus: &[usize]) {
+    let all: Vec<usize> = (0..online_cpus()).collect();
+    let cpus = if cpus.is_empty() { &all[..] } else { cpus };
+    // SAFETY: cpu_set_t is plain data for which all-zeroes is the empty set;
+    // CPU_SET only writes inside `set` (it bounds-checks the index) and
+    // sched_setaffinity reads `size_of::<cpu_set_t>()` bytes from it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Number of CPUs the process may use.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Chooses the quick or the full size of a parameter.
 #[derive(Clone, Copy, Debug)]
 pub struct Scale {
