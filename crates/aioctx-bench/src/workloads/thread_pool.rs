@@ -20,11 +20,28 @@ const NAME: &str = "6 thread-pool round trip";
 /// Runs the workload.
 pub fn run(scale: Scale, report: &mut Report) {
     let n = scale.n(100_000, 20_000);
-    // aioctx joins once its thread pool lands on main.
-    let contenders = vec![tokio(n), glib(n)];
+    let contenders = vec![aioctx(n), tokio(n), glib(n)];
     report
         .rows
         .extend(harness::run(NAME, scale.rounds(10, 4), contenders));
+}
+
+fn aioctx(n: u64) -> Contender<'static> {
+    let ctx = aioctx::AioContext::new().expect("aioctx");
+    let pool = ctx.thread_pool();
+    Contender::new(System::Aioctx, move || {
+        let done = Arc::new(AtomicBool::new(false));
+        vec![ns_per_op(n, || {
+            for _ in 0..n {
+                let d = done.clone();
+                // Dropping the AioCb does not cancel the request.
+                let _aiocb = pool.submit_aio(|| (), move |_| d.store(true, Ordering::Relaxed));
+                while !done.swap(false, Ordering::Relaxed) {
+                    ctx.poll(true);
+                }
+            }
+        })]
+    })
 }
 
 fn tokio(n: u64) -> Contender<'static> {
