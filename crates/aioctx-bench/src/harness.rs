@@ -96,8 +96,23 @@ pub struct Row {
     pub samples: usize,
 }
 
+static ONLY_SYSTEMS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Restricts every later [`run`] to the systems named in `names` (all when
+/// empty): for profiling or tracing one system at a time.
+pub fn only_systems(names: Vec<String>) {
+    let _ = ONLY_SYSTEMS.set(names);
+}
+
+fn selected(system: System) -> bool {
+    ONLY_SYSTEMS
+        .get()
+        .is_none_or(|v| v.is_empty() || v.iter().any(|n| n == system.name()))
+}
+
 /// Runs `contenders` interleaved for `rounds` and returns one row per system.
 pub fn run(workload: &str, rounds: Rounds, mut contenders: Vec<Contender<'_>>) -> Vec<Row> {
+    contenders.retain(|c| selected(c.system));
     let n = contenders.len();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); n];
     for round in 0..rounds.warmup + rounds.measured {

@@ -47,6 +47,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     only: Vec<String>,
 
+    /// Run only these systems (comma separated: aioctx, floor, tokio,
+    /// calloop, mio, glib), e.g. to profile or strace one of them.
+    #[arg(long, value_delimiter = ',', value_name = "SYSTEMS")]
+    systems: Vec<String>,
+
     /// Divide every size by N and measure 2 rounds (for smoke tests; the
     /// numbers are meaningless).
     #[arg(long, value_name = "N", default_value_t = 1, hide = true)]
@@ -59,6 +64,7 @@ fn main() {
         quick: args.quick,
         shrink: args.shrink,
     };
+    harness::only_systems(args.systems.clone());
     let started = Instant::now();
     let mut report = Report::default();
     for w in workloads::ALL {

@@ -32,8 +32,7 @@ use std::time::Instant;
 
 use crate::floor::FloorLoop;
 use crate::harness::{self, median_u64, nanos, Contender, Scale, System};
-use crate::workloads::cross_thread::LoopThread;
-use crate::workloads::{Reply, Report};
+use crate::workloads::{LoopThread, Reply, Report};
 
 const NAME: &str = "3 wake-up coalescing (2 threads, per schedule)";
 const PRODUCERS: u64 = 2;

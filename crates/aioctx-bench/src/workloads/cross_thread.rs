@@ -21,14 +21,13 @@
 //! * glib: `MainContext::invoke` on a context its loop thread has acquired.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use aioctx::AioContext;
 
 use crate::floor::FloorLoop;
 use crate::harness::{self, ns_per_op, Contender, Scale, System};
-use crate::workloads::{Reply, Report};
+use crate::workloads::{LoopThread, Reply, Report};
 
 /// Runs the workload twice: with the loop threads and the measuring thread on
 /// the same CPU, and on two different CPUs.
@@ -55,51 +54,6 @@ pub fn run(scale: Scale, report: &mut Report) {
             .rows
             .extend(harness::run(name, scale.rounds(15, 4), contenders));
         harness::pin_current_thread(&[]);
-    }
-}
-
-/// A loop running on its own thread, stopped and joined on drop.
-pub struct LoopThread {
-    stop: Option<Box<dyn FnOnce()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl LoopThread {
-    /// Spawns `body`, which sends back whatever the poster needs through its
-    /// sender and then runs the loop. Returns that value and the thread; give
-    /// the thread its stop function with [`LoopThread::stop_with`].
-    pub fn spawn<T: Send + 'static>(
-        name: &str,
-        body: impl FnOnce(mpsc::Sender<T>) + Send + 'static,
-    ) -> (T, LoopThread) {
-        let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || body(tx))
-            .expect("spawn loop thread");
-        let v = rx.recv().expect("loop thread started");
-        let lp = LoopThread {
-            stop: None,
-            thread: Some(thread),
-        };
-        (v, lp)
-    }
-
-    /// Sets the function called on drop, which must make the loop return.
-    pub fn stop_with(mut self, stop: impl FnOnce() + 'static) -> LoopThread {
-        self.stop = Some(Box::new(stop));
-        self
-    }
-}
-
-impl Drop for LoopThread {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop();
-        }
-        if let Some(t) = self.thread.take() {
-            t.join().expect("loop thread panicked");
-        }
     }
 }
 

@@ -5,6 +5,9 @@
 //! runs them interleaved through [`harness::run`](crate::harness::run) and
 //! appends the rows (and any side statistics) to the [`Report`].
 
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
 use crate::harness::{Row, Scale};
 
 pub mod coalescing;
@@ -87,6 +90,51 @@ impl Reply {
     pub fn wait(&self) {
         while !self.done.swap(false, std::sync::atomic::Ordering::Acquire) {
             std::thread::park();
+        }
+    }
+}
+
+/// A loop running on its own thread, stopped and joined on drop.
+pub struct LoopThread {
+    stop: Option<Box<dyn FnOnce()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoopThread {
+    /// Spawns `body`, which sends back whatever the poster needs through its
+    /// sender and then runs the loop. Returns that value and the thread; give
+    /// the thread its stop function with [`LoopThread::stop_with`].
+    pub fn spawn<T: Send + 'static>(
+        name: &str,
+        body: impl FnOnce(mpsc::Sender<T>) + Send + 'static,
+    ) -> (T, LoopThread) {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(tx))
+            .expect("spawn loop thread");
+        let v = rx.recv().expect("loop thread started");
+        let lp = LoopThread {
+            stop: None,
+            thread: Some(thread),
+        };
+        (v, lp)
+    }
+
+    /// Sets the function called on drop, which must make the loop return.
+    pub fn stop_with(mut self, stop: impl FnOnce() + 'static) -> LoopThread {
+        self.stop = Some(Box::new(stop));
+        self
+    }
+}
+
+impl Drop for LoopThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("loop thread panicked");
         }
     }
 }
