@@ -20,6 +20,8 @@ mod unix;
 
 #[cfg(unix)]
 pub(crate) use eventfd::EventFd as RawNotifier;
+#[cfg(unix)]
+pub(crate) use unix::prepare_timed_wait;
 
 /// The descriptor type `set_fd_handler` takes: a file descriptor on Unix.
 #[cfg(unix)]
