@@ -83,8 +83,12 @@ impl Core {
 
     /// QEMU's `aio_notify_accept`.
     fn notify_accept(&self) {
-        self.notified.store(false, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
+        // Only a cleared flag needs ordering before the work is examined; if it was already
+        // clear, a notify racing with us sets it again and the next poll will not sleep.
+        if self.notified.load(Ordering::Relaxed) {
+            self.notified.store(false, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+        }
     }
 
     pub(crate) fn watch_virtual_clock(self: &Arc<Self>) {
@@ -463,23 +467,27 @@ impl AioContext {
                 timeout = 0;
             }
         }
-        let mut events = inner.take_buffer();
-        let epoch = if timeout != 0 || inner.handlers.count() != 0 {
-            Some(inner.wait(&mut events, timeout))
-        } else {
-            None
-        };
+        // With nothing to wait for and no reason to block, skip the system call: BHs and
+        // timers are checked below anyway, and the notifier is drained at the next real wait.
+        let waited = (timeout != 0 || inner.handlers.count() != 0).then(|| {
+            if timeout > 0 {
+                sys::prepare_timed_wait();
+            }
+            let mut events = inner.take_buffer();
+            let epoch = inner.wait(&mut events, timeout);
+            (epoch, events)
+        });
         if announced {
             core.notify_me.fetch_sub(2, Ordering::Release);
         }
         core.notify_accept();
 
         let mut progress = inner.run_bhs();
-        if let Some(epoch) = epoch {
+        if let Some((epoch, events)) = waited {
             progress |= inner.dispatch_events(&events, epoch);
+            inner.give_buffer(events);
         }
         progress |= core.timers.run();
-        inner.give_buffer(events);
         progress
     }
 
@@ -612,19 +620,14 @@ impl Inner {
 
     /// QEMU's `aio_bh_poll`: runs the BHs scheduled before this call. Caller holds the lock.
     fn run_bhs(&self) -> bool {
-        {
-            let mut run = self.run_queue.lock();
-            self.core.bhs.take_into(&mut run);
-            if run.is_empty() {
-                return false;
-            }
-        }
         let mut progress = false;
-        loop {
-            let Some(node) = self.run_queue.lock().pop_front() else {
-                break;
-            };
+        let mut run = self.run_queue.lock();
+        self.core.bhs.take_into(&mut run);
+        // The queue is unlocked while each callback runs: a nested poll in it runs the rest.
+        while let Some(node) = run.pop_front() {
+            drop(run);
             progress |= bh::run_one(&self.core, node);
+            run = self.run_queue.lock();
         }
         progress
     }

@@ -29,6 +29,10 @@ mod windows;
 pub(crate) use eventfd::EventFd as RawNotifier;
 #[cfg(windows)]
 pub(crate) use win_event::WinEvent as RawNotifier;
+#[cfg(unix)]
+pub(crate) use unix::prepare_timed_wait;
+#[cfg(windows)]
+pub(crate) use windows::prepare_timed_wait;
 
 /// The descriptor type `set_fd_handler` takes: a file descriptor on Unix, a socket on Windows.
 #[cfg(unix)]

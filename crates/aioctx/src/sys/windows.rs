@@ -567,6 +567,12 @@ fn not_registered(fd: RawFd) -> io::Error {
     )
 }
 
+/// Makes the calling thread's timed waits precise (see the Unix version, which sets the timer
+/// slack). Nothing to do here: the precision comes from the high-resolution timer each wait sets,
+/// and where there is none, raising the system-wide tick rate (`timeBeginPeriod`) for every
+/// polling thread would cost the whole machine power for a fallback.
+pub(crate) fn prepare_timed_wait() {}
+
 impl AsRawHandle for crate::EventNotifier {
     /// The event object (QEMU's `event_notifier_get_handle`).
     fn as_raw_handle(&self) -> RawHandle {
