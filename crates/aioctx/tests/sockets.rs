@@ -506,3 +506,36 @@ fn socket_removed_from_inside_another_sockets_handler() {
     assert_eq!(runs[removed].load(Ordering::SeqCst), 0);
     ctx.set_fd_handler(fds[survivor], None, None).unwrap();
 }
+
+/// A socket closed while its handler is still registered (a caller bug) does not break the
+/// loop: other sockets keep being served, and removing the stale handler afterwards works.
+/// (What the stale handler sees differs: epoll forgets a closed descriptor, poll(2) and Windows
+/// report it as an error.)
+#[test]
+fn a_socket_closed_while_registered_does_not_break_the_loop() {
+    let ctx = AioContext::new().unwrap();
+    let (doomed, _doomed_peer) = tcp_pair();
+    let (mut a, mut b) = tcp_pair();
+    let doomed_fd = doomed.raw();
+    ctx.set_fd_handler(doomed_fd, boxed(|| {}), None).unwrap();
+    let got = Arc::new(AtomicUsize::new(0));
+    let b_fd = b.raw();
+    {
+        let got = got.clone();
+        ctx.set_fd_handler(
+            b_fd,
+            boxed(move || {
+                got.fetch_add(read_available(&mut b).0.len(), Ordering::SeqCst);
+            }),
+            None,
+        )
+        .unwrap();
+    }
+    drop(doomed);
+    write_now(&mut a, b"still here");
+    poll_until(&ctx, "the live socket", || got.load(Ordering::SeqCst) == 10);
+    ctx.set_fd_handler(doomed_fd, None, None).unwrap();
+    ctx.set_fd_handler(b_fd, None, None).unwrap();
+    assert!(ctx.registered_fds().is_empty());
+    assert!(!ctx.poll(false));
+}

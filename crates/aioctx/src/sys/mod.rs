@@ -27,10 +27,10 @@ mod windows;
 
 #[cfg(unix)]
 pub(crate) use eventfd::EventFd as RawNotifier;
-#[cfg(windows)]
-pub(crate) use win_event::WinEvent as RawNotifier;
 #[cfg(unix)]
 pub(crate) use unix::prepare_timed_wait;
+#[cfg(windows)]
+pub(crate) use win_event::WinEvent as RawNotifier;
 #[cfg(windows)]
 pub(crate) use windows::prepare_timed_wait;
 

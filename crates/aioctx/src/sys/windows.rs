@@ -579,3 +579,71 @@ impl AsRawHandle for crate::EventNotifier {
         self.raw_fd() as usize as RawHandle
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn read() -> Interest {
+        Interest {
+            read: true,
+            write: false,
+        }
+    }
+
+    #[test]
+    fn sub_millisecond_waits_are_never_early() {
+        let poller = Win32Poller::new().unwrap();
+        // Tell the log which path this Windows (or Wine) takes.
+        eprintln!("high-resolution timer: {}", poller.timer.is_some());
+        let mut events = Vec::new();
+        for ns in [1, 50_000, 300_000, 1_000_000, 2_500_000] {
+            let start = Instant::now();
+            poller.wait(&mut events, ns).unwrap();
+            let took = start.elapsed();
+            assert!(events.is_empty());
+            assert!(
+                took >= Duration::from_nanos(ns as u64),
+                "{ns} ns took {took:?}"
+            );
+        }
+    }
+
+    /// 100 notifiers: those beyond the direct slots end a blocked wait through their pool waits,
+    /// and only the one that was set is reported, for as long as it stays set.
+    #[test]
+    fn overflow_notifiers_end_a_blocked_wait() {
+        let poller = Win32Poller::new().unwrap();
+        let events: Vec<Arc<WinEvent>> = (0..100)
+            .map(|_| Arc::new(WinEvent::new().unwrap()))
+            .collect();
+        for (i, e) in events.iter().enumerate() {
+            poller
+                .add(e.raw_fd(), SourceKind::Notifier, i as u64, read())
+                .unwrap();
+        }
+        for target in [99, DIRECT_SLOTS, DIRECT_SLOTS - 1, 0] {
+            let e = events[target].clone();
+            let setter = std::thread::spawn(move || e.set().unwrap());
+            let mut got = Vec::new();
+            poller.wait(&mut got, -1).unwrap();
+            setter.join().unwrap();
+            let tokens: Vec<u64> = got.iter().map(|e| e.token).collect();
+            assert_eq!(tokens, vec![target as u64]);
+            // Level-triggered: still set, still reported, without blocking.
+            got.clear();
+            poller.wait(&mut got, 1_000_000_000).unwrap();
+            assert_eq!(got.len(), 1);
+            assert!(events[target].test_and_clear());
+            got.clear();
+            poller.wait(&mut got, 0).unwrap();
+            assert!(got.is_empty());
+        }
+        // Removing them all cancels their pool waits (dropping the poller would too).
+        for e in &events {
+            poller.delete(e.raw_fd()).unwrap();
+        }
+        assert!(poller.delete(events[0].raw_fd()).is_err());
+    }
+}
