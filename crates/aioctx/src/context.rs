@@ -493,9 +493,10 @@ impl AioContext {
 
     /// Prepares for an outer loop's wait (QEMU's `aio_ctx_prepare`): returns true if callbacks
     /// are ready to run now, so the outer loop should not block. Otherwise the outer loop waits
-    /// for this context's descriptor ([`AsRawFd`](std::os::fd::AsRawFd)) to become readable, at
-    /// most [`compute_timeout`](Self::compute_timeout) ns, then calls
-    /// [`pending`](Self::pending) and [`dispatch`](Self::dispatch).
+    /// for this context's descriptor (its `AsRawFd`, on Unix) to become readable, at most
+    /// [`compute_timeout`](Self::compute_timeout) ns, then calls [`pending`](Self::pending) and
+    /// [`dispatch`](Self::dispatch). Windows has no such single handle yet: an outer loop there
+    /// can only wait for the timeout (bounded, say, to a few ms) before `pending`.
     pub fn prepare(&self) -> bool {
         let _guard = self.acquire();
         let core = &*self.inner.core;
