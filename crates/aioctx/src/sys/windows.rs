@@ -381,10 +381,18 @@ impl Win32Poller {
         }
     }
 
-    /// Arms the pool waits of the notifiers beyond the direct slots.
-    fn arm_overflow(&self) -> io::Result<()> {
+    /// Arms the pool waits of the notifiers beyond the direct slots, except the broken ones
+    /// the last look found: a pool wait on a closed handle could end every wait at once.
+    fn arm_overflow(&self, s: &Scratch) -> io::Result<()> {
+        let broken: Vec<usize> = (0..s.handles.len())
+            .filter(|&i| s.broken[i])
+            .map(|i| s.handles[i])
+            .collect();
         let mut regs = self.regs.lock();
         for reg in regs.handles.iter_mut().skip(DIRECT_SLOTS) {
+            if broken.contains(&reg.handle) {
+                continue;
+            }
             let wait = match &mut reg.overflow {
                 Some(wait) => wait,
                 None => reg
@@ -542,7 +550,7 @@ impl Poller for Win32Poller {
                 Some(timeout - elapsed)
             };
             if s.handles.len() > DIRECT_SLOTS {
-                self.arm_overflow()?;
+                self.arm_overflow(s)?;
             }
             self.block(s, left)?;
         }
@@ -645,5 +653,30 @@ mod tests {
             poller.delete(e.raw_fd()).unwrap();
         }
         assert!(poller.delete(events[0].raw_fd()).is_err());
+    }
+
+    /// Notifiers closed while registered (a caller bug), direct and overflow: never reported,
+    /// and the others still work.
+    #[test]
+    fn closed_notifiers_are_left_out() {
+        let poller = Win32Poller::new().unwrap();
+        let mut events: Vec<Option<WinEvent>> =
+            (0..70).map(|_| Some(WinEvent::new().unwrap())).collect();
+        for (i, e) in events.iter().enumerate() {
+            let fd = e.as_ref().unwrap().raw_fd();
+            poller
+                .add(fd, SourceKind::Notifier, i as u64, read())
+                .unwrap();
+        }
+        events[1] = None;
+        events[65] = None;
+        let mut got = Vec::new();
+        let start = Instant::now();
+        poller.wait(&mut got, 20_000_000).unwrap();
+        assert!(got.is_empty(), "{got:?}");
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        events[69].as_ref().unwrap().set().unwrap();
+        poller.wait(&mut got, -1).unwrap();
+        assert_eq!(got.iter().map(|e| e.token).collect::<Vec<_>>(), vec![69]);
     }
 }
