@@ -40,7 +40,7 @@ use crate::handlers::{Handlers, NOTIFY_TOKEN};
 use crate::lock::{thread_token, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::registry::Registry;
-use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier};
+use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier, SourceKind};
 use crate::task::{self, IoWaiters};
 use crate::thread_pool::{PoolConfig, PoolShared, ThreadPool};
 use crate::timer::{Timer, TimerLists};
@@ -108,7 +108,7 @@ impl Core {
 /// Everything a context owns. Dropped when the last [`AioContext`] handle goes.
 pub(crate) struct Inner {
     pub(crate) core: Arc<Core>,
-    poller: Box<dyn Poller>,
+    pub(crate) poller: Box<dyn Poller>,
     backend: Backend,
     lock: RFifoLock,
     handlers: Handlers,
@@ -191,11 +191,15 @@ impl std::fmt::Debug for WeakAioContext {
 ///
 /// ```
 /// # fn main() -> std::io::Result<()> {
+/// use aioctx::Backend;
+///
+/// // The last back end this platform has: poll(2) on Unix, the only one on Windows.
+/// let backend = *Backend::available().last().unwrap();
 /// let ctx = aioctx::AioContext::builder()
-///     .backend(aioctx::Backend::Poll)
+///     .backend(backend)
 ///     .thread_pool_max(8)
 ///     .build()?;
-/// assert_eq!(ctx.backend(), aioctx::Backend::Poll);
+/// assert_eq!(ctx.backend(), backend);
 /// # Ok(()) }
 /// ```
 #[derive(Clone, Debug, Default)]
@@ -205,8 +209,8 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll` or `poll`) decides, and
-    /// without that the platform default ([`Backend::platform_default`]).
+    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll`, `poll` or `windows`)
+    /// decides, and without that the platform default ([`Backend::platform_default`]).
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = Some(backend);
         self
@@ -256,6 +260,7 @@ impl Builder {
         let event = RawNotifier::new()?;
         poller.add(
             event.raw_fd(),
+            SourceKind::Notifier,
             NOTIFY_TOKEN,
             Interest {
                 read: true,
@@ -372,18 +377,31 @@ impl AioContext {
     /// removes the handlers; setting them again replaces both. The context does not own `fd`:
     /// remove the handlers before closing it.
     ///
+    /// On Windows `fd` is a socket (a `RawSocket`), and registering it switches it to
+    /// non-blocking mode for good (`WSAEventSelect` does, as in QEMU).
+    ///
     /// Errors are the kernel's: for example, epoll refuses regular files (`EPERM`); use the
-    /// `Poll` back end for those.
+    /// `Poll` back end for those. Windows refuses anything but a socket (`WSAENOTSOCK`).
     pub fn set_fd_handler(
         &self,
         fd: RawFd,
         io_read: Option<Handler>,
         io_write: Option<Handler>,
     ) -> io::Result<()> {
+        self.set_handlers(fd, SourceKind::Fd, io_read, io_write)
+    }
+
+    fn set_handlers(
+        &self,
+        fd: RawFd,
+        kind: SourceKind,
+        io_read: Option<Handler>,
+        io_write: Option<Handler>,
+    ) -> io::Result<()> {
         let retired = self
             .inner
             .handlers
-            .set(&*self.inner.poller, fd, io_read, io_write)?;
+            .set(&*self.inner.poller, fd, kind, io_read, io_write)?;
         // A blocked poll must see the new set (the poll(2) back end copies it per wait).
         self.notify();
         drop(retired);
@@ -398,7 +416,7 @@ impl AioContext {
         notifier: &EventNotifier,
         io_read: Option<Handler>,
     ) -> io::Result<()> {
-        self.set_fd_handler(notifier.raw_fd(), io_read, None)
+        self.set_handlers(notifier.raw_fd(), SourceKind::Notifier, io_read, None)
     }
 
     /// Creates a timer on `clock` whose deadlines are in units of `scale` ns (QEMU's
@@ -475,9 +493,10 @@ impl AioContext {
 
     /// Prepares for an outer loop's wait (QEMU's `aio_ctx_prepare`): returns true if callbacks
     /// are ready to run now, so the outer loop should not block. Otherwise the outer loop waits
-    /// for this context's descriptor ([`AsRawFd`](std::os::fd::AsRawFd)) to become readable, at
-    /// most [`compute_timeout`](Self::compute_timeout) ns, then calls
-    /// [`pending`](Self::pending) and [`dispatch`](Self::dispatch).
+    /// for this context's descriptor (its `AsRawFd`, on Unix) to become readable, at most
+    /// [`compute_timeout`](Self::compute_timeout) ns, then calls [`pending`](Self::pending) and
+    /// [`dispatch`](Self::dispatch). Windows has no such single handle yet: an outer loop there
+    /// can only wait for the timeout (bounded, say, to a few ms) before `pending`.
     pub fn prepare(&self) -> bool {
         let _guard = self.acquire();
         let core = &*self.inner.core;
@@ -672,12 +691,5 @@ impl std::fmt::Debug for AioContext {
             .field("backend", &self.inner.backend)
             .field("handlers", &self.inner.handlers.count())
             .finish_non_exhaustive()
-    }
-}
-
-impl AioContext {
-    /// The descriptor outer loops wait on (see [`prepare`](Self::prepare)).
-    pub(crate) fn outer_fd(&self) -> RawFd {
-        self.inner.poller.outer_fd()
     }
 }

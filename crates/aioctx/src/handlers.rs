@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::callback::{Call, CallbackCell, Handler};
-use crate::sys::{Event, Interest, Poller, RawFd};
+use crate::sys::{Event, Interest, Poller, RawFd, SourceKind};
 
 /// The token of the context's own notifier; never a slab token (their low 32 bits are a slab key).
 pub(crate) const NOTIFY_TOKEN: u64 = u64::MAX;
@@ -84,11 +84,13 @@ impl Handlers {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Adds, replaces or (both `None`) removes the handlers of `fd`.
+    /// Adds, replaces or (both `None`) removes the handlers of `fd`, a `kind` (which only matters
+    /// when it is first added).
     pub(crate) fn set(
         &self,
         poller: &dyn Poller,
         fd: RawFd,
+        kind: SourceKind,
         read: Option<Handler>,
         write: Option<Handler>,
     ) -> io::Result<Retired> {
@@ -112,7 +114,7 @@ impl Handlers {
                     read: HandlerCell::new(read),
                     write: HandlerCell::new(write),
                 };
-                poller.add(fd, new.token(key), interest)?;
+                poller.add(fd, kind, new.token(key), interest)?;
                 entry.insert(new);
                 table.by_fd.insert(fd, key);
                 self.count.fetch_add(1, Ordering::Relaxed);

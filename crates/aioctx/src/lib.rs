@@ -12,6 +12,11 @@
 //!   [`dispatch`](AioContext::dispatch) for outer loops;
 //! * a recursive, FIFO-fair context lock ([`AioContext::acquire`]).
 //!
+//! Platforms ([`Backend`]): Linux and other Unixes (epoll or poll(2); [`RawFd`] is a file
+//! descriptor), and Windows (event objects and sockets with no 64-handle limit; [`RawFd`] is a
+//! `RawSocket`, the only kind of descriptor `set_fd_handler` takes there, and an
+//! [`EventNotifier`] is an event object). Readiness is level-triggered on both.
+//!
 //! ```
 //! # fn main() -> std::io::Result<()> {
 //! use aioctx::{AioContext, ClockType, SCALE_MS};

@@ -1,10 +1,10 @@
 //! async/await on the context: tasks, block_on, timer and readiness futures, and
 //! test-aio-multithread's cases (tasks moving between contexts polled by their own threads).
 
+mod common;
+
 use std::future::Future;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use aioctx::{clock_get_ns, AioContext, Canceled, ClockType};
+use common::net::{tcp_pair, AsRaw};
 
 /// A one-shot value that can be completed from any thread.
 struct Slot<T> {
@@ -230,10 +231,8 @@ fn virtual_clock_sleep_fires_when_advanced() {
 #[test]
 fn readiness_futures() {
     let ctx = AioContext::new().unwrap();
-    let (mut a, b) = UnixStream::pair().unwrap();
-    a.set_nonblocking(true).unwrap();
-    b.set_nonblocking(true).unwrap();
-    let fd = b.as_raw_fd();
+    let (mut a, b) = tcp_pair();
+    let fd = b.raw();
     let c = ctx.clone();
     let reader = ctx.spawn(async move {
         let mut b = b;
@@ -256,7 +255,7 @@ fn readiness_futures() {
         "nothing to read yet: the reader does not run"
     );
     let c = ctx.clone();
-    let afd = a.as_raw_fd();
+    let afd = a.raw();
     let writer = ctx.spawn(async move {
         for chunk in [&b"hello"[..], b"world"] {
             c.writable(afd).await.unwrap();
@@ -271,8 +270,10 @@ fn readiness_futures() {
     );
 }
 
+#[cfg(target_os = "linux")]
 #[test]
 fn readiness_on_a_regular_file_is_an_error_under_epoll() {
+    use std::os::fd::AsRawFd;
     let ctx = AioContext::builder()
         .backend(aioctx::Backend::Epoll)
         .build()
@@ -283,6 +284,23 @@ fn readiness_on_a_regular_file_is_an_error_under_epoll() {
     assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied);
     assert!(
         err.to_string().contains("epoll_ctl"),
+        "the failing call is named: {err}"
+    );
+    assert!(ctx.registered_fds().is_empty());
+}
+
+/// The Windows counterpart: only sockets can be watched.
+#[cfg(windows)]
+#[test]
+fn readiness_on_a_file_is_an_error_on_windows() {
+    use std::os::windows::io::AsRawHandle;
+    let ctx = AioContext::new().unwrap();
+    let file = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+    let not_a_socket = file.as_raw_handle() as usize as aioctx::RawFd;
+    let err = ctx.block_on(ctx.readable(not_a_socket)).unwrap_err();
+    // Windows says WSAENOTSOCK, Wine WSAEOPNOTSUPP: only the call's name is certain.
+    assert!(
+        err.to_string().contains("WSAEventSelect"),
         "the failing call is named: {err}"
     );
     assert!(ctx.registered_fds().is_empty());

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::eventfd::os_error;
-use super::{Event, Interest, Poller};
+use super::{Event, Interest, Poller, SourceKind};
 
 /// How many events one wait collects; more stay pending for the next wait (level-triggered).
 const MAX_EVENTS: usize = 256;
@@ -81,7 +81,7 @@ impl Epoll {
 }
 
 impl Poller for Epoll {
-    fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+    fn add(&self, fd: RawFd, _kind: SourceKind, token: u64, interest: Interest) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_ADD, fd, token, interest)
     }
 

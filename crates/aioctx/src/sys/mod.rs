@@ -5,7 +5,9 @@
 //! of the crate is platform independent: it registers descriptors with a token, waits with a
 //! nanosecond timeout and gets back `(token, readiness)` pairs.
 //!
-//! This module is the only place that selects code with `cfg`.
+//! This module is the only place that selects code with `cfg`: `unix` gets epoll and poll(2) with
+//! eventfd notifiers, `windows` gets one back end over sockets and event objects
+//! (`sys/windows.rs` explains its design).
 
 use std::io;
 
@@ -18,14 +20,37 @@ mod poll;
 #[cfg(unix)]
 mod unix;
 
+#[cfg(windows)]
+mod win_event;
+#[cfg(windows)]
+mod windows;
+
 #[cfg(unix)]
 pub(crate) use eventfd::EventFd as RawNotifier;
 #[cfg(unix)]
 pub(crate) use unix::prepare_timed_wait;
+#[cfg(windows)]
+pub(crate) use win_event::WinEvent as RawNotifier;
+#[cfg(windows)]
+pub(crate) use windows::prepare_timed_wait;
 
-/// The descriptor type `set_fd_handler` takes: a file descriptor on Unix.
+/// The descriptor type `set_fd_handler` takes: a file descriptor on Unix, a socket on Windows.
 #[cfg(unix)]
 pub type RawFd = std::os::unix::io::RawFd;
+/// The descriptor type `set_fd_handler` takes: a file descriptor on Unix, a socket on Windows.
+#[cfg(windows)]
+pub type RawFd = std::os::windows::io::RawSocket;
+
+/// What a registration's descriptor is. On Unix both are plain descriptors; on Windows an
+/// [`EventNotifier`](crate::EventNotifier) is an event object `HANDLE` (carried in a [`RawFd`])
+/// that must be waited on, not a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SourceKind {
+    /// A descriptor given to `set_fd_handler`.
+    Fd,
+    /// An event notifier's kernel object.
+    Notifier,
+}
 
 /// Which readiness a registration asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -56,8 +81,8 @@ pub(crate) struct Event {
 /// Implementations are shared between threads: registration may happen from any thread while
 /// one thread (the holder of the context lock) is inside [`Poller::wait`].
 pub(crate) trait Poller: Send + Sync {
-    /// Starts monitoring `fd`; events for it carry `token`.
-    fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()>;
+    /// Starts monitoring `fd`, which is a `kind`; events for it carry `token`.
+    fn add(&self, fd: RawFd, kind: SourceKind, token: u64, interest: Interest) -> io::Result<()>;
     /// Changes the interest or token of a monitored `fd`.
     fn modify(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()>;
     /// Stops monitoring `fd`.
@@ -67,12 +92,15 @@ pub(crate) trait Poller: Send + Sync {
     /// signal interrupted it; where the OS takes milliseconds the timeout is rounded up.
     fn wait(&self, events: &mut Vec<Event>, timeout_ns: i64) -> io::Result<()>;
     /// A descriptor that is readable whenever a wait would report something, for outer loops.
+    #[cfg(unix)]
     fn outer_fd(&self) -> RawFd;
 }
 
 /// The back ends a context can use.
 ///
-/// `AIOCTX_BACKEND=epoll|poll` picks one for every context built without an explicit choice.
+/// `AIOCTX_BACKEND=epoll|poll|windows` picks one for every context built without an explicit
+/// choice. Every variant exists on every platform; building a context with one that this platform
+/// lacks fails with [`io::ErrorKind::Unsupported`] (see [`Backend::available`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Backend {
@@ -80,22 +108,40 @@ pub enum Backend {
     Epoll,
     /// Portable poll(2): the whole descriptor set is passed to the kernel on every wait.
     Poll,
+    /// Windows (the only back end there): event objects waited on, sockets checked with
+    /// `WSAPoll` and woken through `WSAEventSelect`; no limit of 64 handles or sockets.
+    Windows,
 }
 
 impl Backend {
     /// The platform default.
     pub const fn platform_default() -> Backend {
-        Backend::Epoll
+        #[cfg(unix)]
+        return Backend::Epoll;
+        #[cfg(windows)]
+        return Backend::Windows;
     }
 
-    /// The back end named `name` (`"epoll"` or `"poll"`), case-insensitively.
+    /// The back ends this platform has, the default first.
+    pub const fn available() -> &'static [Backend] {
+        #[cfg(unix)]
+        return &[Backend::Epoll, Backend::Poll];
+        #[cfg(windows)]
+        return &[Backend::Windows];
+    }
+
+    /// The back end named `name` (`"epoll"`, `"poll"` or `"windows"`), case-insensitively.
+    /// Naming one this platform lacks is not an error here, but building a context with it is.
     pub fn from_name(name: &str) -> io::Result<Backend> {
         match name.trim().to_ascii_lowercase().as_str() {
             "epoll" => Ok(Backend::Epoll),
             "poll" => Ok(Backend::Poll),
+            "windows" => Ok(Backend::Windows),
             other => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("unknown aioctx backend {other:?}: expected \"epoll\" or \"poll\""),
+                format!(
+                    "unknown aioctx backend {other:?}: expected \"epoll\", \"poll\" or \"windows\""
+                ),
             )),
         }
     }
@@ -105,6 +151,7 @@ impl Backend {
         match self {
             Backend::Epoll => "epoll",
             Backend::Poll => "poll",
+            Backend::Windows => "windows",
         }
     }
 }
@@ -112,8 +159,20 @@ impl Backend {
 /// Builds the back end `kind`.
 pub(crate) fn new_poller(kind: Backend) -> io::Result<Box<dyn Poller>> {
     match kind {
+        #[cfg(unix)]
         Backend::Epoll => Ok(Box::new(epoll::Epoll::new()?)),
+        #[cfg(unix)]
         Backend::Poll => Ok(Box::new(poll::Poll::new()?)),
+        #[cfg(windows)]
+        Backend::Windows => Ok(Box::new(windows::Win32Poller::new()?)),
+        other => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "aioctx backend {:?} is not available on this platform (available: {:?})",
+                other.name(),
+                Backend::available()
+            ),
+        )),
     }
 }
 
@@ -155,8 +214,25 @@ mod tests {
     fn backend_names() {
         assert_eq!(Backend::from_name("EPOLL").unwrap(), Backend::Epoll);
         assert_eq!(Backend::from_name("poll").unwrap(), Backend::Poll);
+        assert_eq!(Backend::from_name(" Windows").unwrap(), Backend::Windows);
         let err = Backend::from_name("kqueue").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert!(err.to_string().contains("kqueue"));
+    }
+
+    #[test]
+    fn only_this_platforms_backends_build() {
+        let available = Backend::available();
+        assert_eq!(available[0], Backend::platform_default());
+        for b in [Backend::Epoll, Backend::Poll, Backend::Windows] {
+            match new_poller(b) {
+                Ok(_) => assert!(available.contains(&b), "{b:?} built"),
+                Err(e) => {
+                    assert!(!available.contains(&b), "{b:?}: {e}");
+                    assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+                    assert!(e.to_string().contains(b.name()), "{e}");
+                }
+            }
+        }
     }
 }

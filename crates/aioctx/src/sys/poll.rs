@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use parking_lot::Mutex;
 
 use super::epoll::Epoll;
-use super::{Event, Interest, Poller};
+use super::{Event, Interest, Poller, SourceKind};
 
 #[derive(Default)]
 struct PollSet {
@@ -50,7 +50,7 @@ impl Poll {
 }
 
 impl Poller for Poll {
-    fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()> {
+    fn add(&self, fd: RawFd, kind: SourceKind, token: u64, interest: Interest) -> io::Result<()> {
         let mut set = self.set.lock();
         if set.index.contains_key(&fd) {
             return Err(io::Error::new(
@@ -60,7 +60,7 @@ impl Poller for Poll {
         }
         // The mirror only serves outer loops; a descriptor epoll refuses (a regular file) can
         // still be polled here.
-        let _ = self.mirror.add(fd, token, interest);
+        let _ = self.mirror.add(fd, kind, token, interest);
         let i = set.fds.len();
         set.fds.push(libc::pollfd {
             fd,

@@ -9,7 +9,7 @@ impl AsRawFd for crate::AioContext {
     /// [`compute_timeout`](crate::AioContext::compute_timeout), then call
     /// [`pending`](crate::AioContext::pending) and [`dispatch`](crate::AioContext::dispatch).
     fn as_raw_fd(&self) -> RawFd {
-        self.outer_fd()
+        self.inner.poller.outer_fd()
     }
 }
 

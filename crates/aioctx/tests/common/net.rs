@@ -1,0 +1,94 @@
+//! Loopback TCP sockets: the portable stand-in for socketpair(2) and pipes, so that descriptor
+//! tests run on Windows too (where `set_fd_handler` takes sockets only).
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+
+use aioctx::RawFd;
+
+/// The raw value `set_fd_handler` takes: a descriptor on Unix, a socket on Windows.
+pub trait AsRaw {
+    fn raw(&self) -> RawFd;
+}
+
+#[cfg(unix)]
+impl<T: std::os::fd::AsRawFd> AsRaw for T {
+    fn raw(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+}
+
+#[cfg(windows)]
+impl<T: std::os::windows::io::AsRawSocket> AsRaw for T {
+    fn raw(&self) -> RawFd {
+        self.as_raw_socket()
+    }
+}
+
+/// The raw value an event notifier is registered under, as [`aioctx::AioContext::registered_fds`]
+/// lists it: its eventfd on Unix, its event handle's value on Windows.
+pub fn notifier_raw(n: &aioctx::EventNotifier) -> RawFd {
+    #[cfg(unix)]
+    return std::os::fd::AsRawFd::as_raw_fd(n);
+    #[cfg(windows)]
+    return std::os::windows::io::AsRawHandle::as_raw_handle(n) as usize as RawFd;
+}
+
+/// A listener on an ephemeral loopback port.
+pub fn listener() -> TcpListener {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback listener")
+}
+
+/// Two connected, non-blocking loopback TCP sockets, with Nagle off so small writes go out at
+/// once.
+pub fn tcp_pair() -> (TcpStream, TcpStream) {
+    let l = listener();
+    let a = TcpStream::connect(l.local_addr().unwrap()).expect("connect to the loopback listener");
+    let (b, _) = l.accept().expect("accept the loopback connection");
+    for s in [&a, &b] {
+        s.set_nonblocking(true).unwrap();
+        s.set_nodelay(true).unwrap();
+    }
+    (a, b)
+}
+
+/// Reads everything currently available from a non-blocking socket. Returns the bytes and
+/// whether the peer has closed (end-of-file).
+pub fn read_available(s: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (got, false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// Writes all of `data` to a non-blocking socket whose buffer is known to have room.
+pub fn write_now(s: &mut TcpStream, data: &[u8]) {
+    s.write_all(data).expect("write to a socket with room");
+}
+
+/// How long a test may wait for a condition before it fails.
+pub const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Blocking polls until `cond` holds; panics, naming `what`, if that takes longer than
+/// [`LIMIT`]. A timer armed at the limit bounds every blocking poll, so even a lost wake-up
+/// fails the test instead of hanging it.
+pub fn poll_until(ctx: &aioctx::AioContext, what: &str, mut cond: impl FnMut() -> bool) {
+    use aioctx::{clock_get_ns, ClockType, SCALE_NS};
+    let deadline = std::time::Instant::now() + LIMIT;
+    let guard = ctx.timer_new(ClockType::Realtime, SCALE_NS, || {});
+    guard.modify_ns(clock_get_ns(ClockType::Realtime) + LIMIT.as_nanos() as i64);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still waiting for {what} after {LIMIT:?}"
+        );
+        ctx.poll(true);
+    }
+}
