@@ -1,0 +1,13 @@
+//! `aioctx-nbd`: an NBD server whose event handling is built only on the
+//! [`aioctx`] event loop (no async runtime).
+//!
+//! Layout:
+//! - [`proto`]: the wire format, pure parse/encode functions;
+//! - [`handshake`]: option negotiation as a pure state machine;
+//! - [`export`]: blocking file I/O on the served image;
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod export;
+pub mod handshake;
+pub mod proto;
