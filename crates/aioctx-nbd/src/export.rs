@@ -95,17 +95,15 @@ impl Export {
     /// block" (or end of file), and the caller should finish the read on
     /// a worker with [`Export::read_at`].
     pub fn read_nowait(&self, buf: &mut [u8], offset: u64) -> usize {
-        match rustix::io::preadv2(
+        // EAGAIN: not cached; EOPNOTSUPP/EINVAL: kernel or file system
+        // without RWF_NOWAIT. Either way a worker does the read.
+        rustix::io::preadv2(
             &self.file,
             &mut [IoSliceMut::new(buf)],
             offset,
             ReadWriteFlags::NOWAIT,
-        ) {
-            Ok(n) => n,
-            // EAGAIN: not cached; EOPNOTSUPP/EINVAL: kernel or file system
-            // without RWF_NOWAIT. Either way the worker does it.
-            Err(_) => 0,
-        }
+        )
+        .unwrap_or_default()
     }
 
     /// Fills `buf` from `offset`. Bytes past the end of the file read as
