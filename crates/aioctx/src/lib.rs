@@ -1,1 +1,60 @@
-pub fn x(){}
+//! # aioctx: QEMU's AioContext event loop in Rust
+//!
+//! A small event loop a thread can wait on synchronously, with QEMU's semantics
+//! (`include/block/aio.h`):
+//!
+//! * bottom halves ([`Bh`]): lock-free, thread-safe deferred callbacks;
+//! * fd handlers and [`EventNotifier`]s, level-triggered;
+//! * [`Timer`]s on several clocks ([`ClockType`]), including a virtual clock the program
+//!   controls ([`virtual_clock`]);
+//! * [`AioContext::poll`] with coalesced cross-thread wake-ups, nested loops, and
+//!   [`prepare`](AioContext::prepare)/[`pending`](AioContext::pending)/
+//!   [`dispatch`](AioContext::dispatch) for outer loops;
+//! * a recursive, FIFO-fair context lock ([`AioContext::acquire`]).
+//!
+//! ```
+//! # fn main() -> std::io::Result<()> {
+//! use aioctx::{AioContext, ClockType, SCALE_MS};
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::sync::Arc;
+//!
+//! let ctx = AioContext::new()?;
+//! let hits = Arc::new(AtomicUsize::new(0));
+//!
+//! let h = hits.clone();
+//! let bh = ctx.bh_new(move || {
+//!     h.fetch_add(1, Ordering::Relaxed);
+//! });
+//! let h = hits.clone();
+//! let timer = ctx.timer_new(ClockType::Realtime, SCALE_MS, move || {
+//!     h.fetch_add(10, Ordering::Relaxed);
+//! });
+//!
+//! bh.schedule();
+//! timer.modify(aioctx::clock_get_ns(ClockType::Realtime) / SCALE_MS + 1);
+//! while hits.load(Ordering::Relaxed) < 11 {
+//!     ctx.poll(true);
+//! }
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod bh;
+mod callback;
+pub mod clock;
+mod context;
+mod handlers;
+mod lock;
+mod notifier;
+mod registry;
+mod sys;
+mod timer;
+
+pub use bh::Bh;
+pub use callback::Handler;
+pub use clock::{clock_get_ns, virtual_clock, ClockType, SCALE_MS, SCALE_NS, SCALE_US};
+pub use context::{AioContext, AioContextGuard, Builder, WeakAioContext};
+pub use notifier::EventNotifier;
+pub use sys::{Backend, RawFd};
+pub use timer::Timer;

@@ -1,0 +1,318 @@
+//! Bottom halves (QEMU's `QEMUBH`, `aio_bh_new`, `qemu_bh_schedule`, `aio_bh_poll`).
+//!
+//! Scheduled BHs sit on a lock-free multi-producer stack (modern QEMU's `bh_list`, commit
+//! 8c6b0356b5), so the cost of a poll grows with the BHs scheduled, never with those created.
+//!
+//! # The queue protocol
+//!
+//! Each BH has a flag word. `PENDING` means "on the stack"; the other flags say what to do when
+//! the poller takes it off.
+//!
+//! * A producer sets its flags with a CAS; the one producer whose CAS turns `PENDING` on pushes
+//!   the node (a Treiber push: write `next`, then CAS the head with Release).
+//! * The consumer (the poller, which holds the context lock, so there is only ever one) swaps the
+//!   whole stack out with Acquire, reverses it into FIFO order, and for each node reads `next`
+//!   *before* clearing `PENDING`; after the clear, producers may push the node again.
+//!
+//! Invariant: a node is on the stack at most once, exactly while `PENDING` is set, and the stack
+//! holds one strong reference to each node on it.
+
+use std::collections::VecDeque;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::callback::{Call, CallbackCell, Handler};
+use crate::context::Core;
+use crate::registry::Release;
+
+const PENDING: u32 = 1 << 0;
+const SCHEDULED: u32 = 1 << 1;
+const IDLE: u32 = 1 << 2;
+const DELETED: u32 = 1 << 3;
+const ONESHOT: u32 = 1 << 4;
+
+pub(crate) struct BhNode {
+    flags: AtomicU32,
+    next: AtomicPtr<BhNode>,
+    cb: CallbackCell,
+}
+
+impl Release for BhNode {
+    fn release(&self) -> Option<Handler> {
+        self.cb.release()
+    }
+}
+
+impl BhNode {
+    pub(crate) fn new(cb: Handler, oneshot: bool) -> Arc<BhNode> {
+        Arc::new(BhNode {
+            flags: AtomicU32::new(if oneshot { ONESHOT } else { 0 }),
+            next: AtomicPtr::new(ptr::null_mut()),
+            cb: CallbackCell::new(cb),
+        })
+    }
+}
+
+/// What the scheduled BHs ask of the next wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum BhWork {
+    /// Nothing scheduled.
+    None,
+    /// Only idle BHs: wait at most 10 ms.
+    Idle,
+    /// A BH must run: do not block.
+    Now,
+}
+
+fn work_of(flags: u32) -> BhWork {
+    if flags & (SCHEDULED | DELETED) != SCHEDULED {
+        BhWork::None
+    } else if flags & IDLE != 0 {
+        BhWork::Idle
+    } else {
+        BhWork::Now
+    }
+}
+
+/// The lock-free stack of scheduled BHs.
+pub(crate) struct BhQueue {
+    head: AtomicPtr<BhNode>,
+}
+
+impl BhQueue {
+    pub(crate) fn new() -> BhQueue {
+        BhQueue {
+            head: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Updates `node`'s flags with `update` and pushes it if that made it pending. Returns the
+    /// old flags, or `None` if `update` declined (returned `None`).
+    fn enqueue(&self, node: &Arc<BhNode>, update: impl Fn(u32) -> Option<u32>) -> Option<u32> {
+        let old = node
+            .flags
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                update(f).map(|n| n | PENDING)
+            })
+            .ok()?;
+        if old & PENDING == 0 {
+            let raw = Arc::into_raw(Arc::clone(node)).cast_mut();
+            let mut head = self.head.load(Ordering::Relaxed);
+            loop {
+                node.next.store(head, Ordering::Relaxed);
+                match self.head.compare_exchange_weak(
+                    head,
+                    raw,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => head = now,
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Moves everything scheduled so far to the back of `run`, oldest first. Consumer only.
+    pub(crate) fn take_into(&self, run: &mut VecDeque<Arc<BhNode>>) {
+        let mut p = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+        if p.is_null() {
+            return;
+        }
+        // Reverse the newest-first stack in place so BHs run in the order they were scheduled.
+        let mut reversed: *mut BhNode = ptr::null_mut();
+        while !p.is_null() {
+            // SAFETY: every pointer on the stack came from Arc::into_raw and the stack's strong
+            // reference keeps it alive; after the swap this list is ours alone, and producers do
+            // not write `next` while PENDING is set, which it is for every node on the list.
+            let node = unsafe { &*p };
+            let next = node.next.load(Ordering::Relaxed);
+            node.next.store(reversed, Ordering::Relaxed);
+            reversed = p;
+            p = next;
+        }
+        while !reversed.is_null() {
+            // SAFETY: as above; from_raw takes back the stack's strong reference exactly once.
+            let node = unsafe { Arc::from_raw(reversed) };
+            reversed = node.next.load(Ordering::Relaxed);
+            run.push_back(node);
+        }
+    }
+
+    /// The most urgent work among the scheduled BHs. Consumer only (context lock held).
+    pub(crate) fn scan(&self) -> BhWork {
+        let mut work = BhWork::None;
+        let mut p = self.head.load(Ordering::Acquire);
+        while !p.is_null() && work != BhWork::Now {
+            // SAFETY: only the consumer (us) takes nodes off the stack, so every node reachable
+            // from the head stays on it, alive and with a stable `next`, while we walk.
+            let node = unsafe { &*p };
+            work = work.max(work_of(node.flags.load(Ordering::Acquire)));
+            p = node.next.load(Ordering::Relaxed);
+        }
+        work
+    }
+
+    /// Drops everything on the stack (context teardown).
+    pub(crate) fn clear(&self) {
+        let mut drained = VecDeque::new();
+        self.take_into(&mut drained);
+        for node in &drained {
+            node.flags.fetch_and(!PENDING, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for BhQueue {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The most urgent work among BHs already taken off the stack.
+pub(crate) fn scan_taken(run: &VecDeque<Arc<BhNode>>) -> BhWork {
+    run.iter()
+        .map(|n| work_of(n.flags.load(Ordering::Acquire)))
+        .max()
+        .unwrap_or(BhWork::None)
+}
+
+/// Runs one BH taken off the stack. Returns whether it counted as progress (a non-idle BH ran).
+pub(crate) fn run_one(core: &Core, node: Arc<BhNode>) -> bool {
+    let old = node
+        .flags
+        .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
+    if old & (SCHEDULED | DELETED) != SCHEDULED {
+        return false;
+    }
+    match node.cb.call() {
+        Call::Ran => {
+            if old & ONESHOT != 0 {
+                drop(node.cb.release());
+            }
+            old & IDLE == 0
+        }
+        Call::Busy => {
+            // It is running further up the stack (a nested poll): run it after that returns.
+            core.bhs
+                .enqueue(&node, |f| Some(f | (old & (SCHEDULED | IDLE))));
+            false
+        }
+        Call::Gone => false,
+    }
+}
+
+/// A bottom half: a callback that runs on its context's thread, soon, once per schedule (QEMU's
+/// `QEMUBH`, made by [`AioContext::bh_new`]).
+///
+/// Scheduling is lock-free and may happen from any thread. Scheduling a BH that is already
+/// scheduled does nothing: it runs once. A BH that reschedules itself from its callback runs
+/// once per [`AioContext::poll`]. Dropping the handle deletes the BH (QEMU's `qemu_bh_delete`).
+///
+/// ```
+/// # fn main() -> std::io::Result<()> {
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+///
+/// let ctx = aioctx::AioContext::new()?;
+/// let runs = Arc::new(AtomicUsize::new(0));
+/// let r = runs.clone();
+/// let bh = ctx.bh_new(move || {
+///     r.fetch_add(1, Ordering::Relaxed);
+/// });
+/// bh.schedule();
+/// bh.schedule(); // already scheduled: still one run
+/// assert!(ctx.poll(false));
+/// assert_eq!(runs.load(Ordering::Relaxed), 1);
+/// assert!(!ctx.poll(false));
+/// # Ok(()) }
+/// ```
+///
+/// [`AioContext::bh_new`]: crate::AioContext::bh_new
+/// [`AioContext::poll`]: crate::AioContext::poll
+pub struct Bh {
+    node: Arc<BhNode>,
+    core: Arc<Core>,
+    key: Option<usize>,
+}
+
+impl Bh {
+    pub(crate) fn new(core: Arc<Core>, cb: Handler) -> Bh {
+        let node = BhNode::new(cb, false);
+        let key = core.bh_registry.insert(node.clone());
+        Bh { node, core, key }
+    }
+
+    /// Schedules the BH: its callback runs during the context's next poll, and a poll blocked in
+    /// another thread wakes up (QEMU's `qemu_bh_schedule`). Clears a pending idle schedule's
+    /// idleness.
+    pub fn schedule(&self) {
+        self.core.bh_enqueue(&self.node, |f| {
+            (f & (SCHEDULED | IDLE) != SCHEDULED).then_some((f | SCHEDULED) & !IDLE)
+        });
+    }
+
+    /// Schedules the BH as idle work (QEMU's `qemu_bh_schedule_idle`): it runs within about
+    /// 10 ms even if nothing else happens, and running it is not progress for
+    /// [`AioContext::poll`]'s return value. A BH that is already scheduled stays as it is.
+    ///
+    /// [`AioContext::poll`]: crate::AioContext::poll
+    pub fn schedule_idle(&self) {
+        self.core.bh_enqueue(&self.node, |f| {
+            (f & SCHEDULED == 0).then_some(f | SCHEDULED | IDLE)
+        });
+    }
+
+    /// Cancels a pending schedule (QEMU's `qemu_bh_cancel`). From another thread, a callback the
+    /// loop has already started still finishes.
+    pub fn cancel(&self) {
+        self.node
+            .flags
+            .fetch_and(!(SCHEDULED | IDLE), Ordering::AcqRel);
+    }
+
+    /// Deletes the BH (QEMU's `qemu_bh_delete`): it never runs again, and its callback is freed
+    /// once it is not running. The same as dropping the handle.
+    pub fn delete(self) {
+        drop(self)
+    }
+
+    /// Whether the BH is scheduled and has not run yet.
+    pub fn is_scheduled(&self) -> bool {
+        self.node.flags.load(Ordering::Acquire) & SCHEDULED != 0
+    }
+}
+
+impl Drop for Bh {
+    fn drop(&mut self) {
+        self.node.flags.fetch_or(DELETED, Ordering::AcqRel);
+        self.core.bh_registry.remove(self.key);
+    }
+}
+
+impl std::fmt::Debug for Bh {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bh")
+            .field("scheduled", &self.is_scheduled())
+            .finish()
+    }
+}
+
+pub(crate) fn schedule_oneshot(core: &Core, cb: Handler) {
+    let node = BhNode::new(cb, true);
+    core.bh_enqueue(&node, |f| Some(f | SCHEDULED));
+}
+
+impl Core {
+    /// Enqueues `node` with `update` and wakes the loop if that scheduled it.
+    fn bh_enqueue(&self, node: &Arc<BhNode>, update: impl Fn(u32) -> Option<u32>) {
+        if self.is_closed() {
+            return;
+        }
+        if self.bhs.enqueue(node, update).is_some() {
+            self.notify();
+        }
+    }
+}

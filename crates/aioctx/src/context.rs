@@ -1,0 +1,620 @@
+//! The context itself (QEMU's `AioContext`, `aio_poll`, `aio_notify`, the GSource callbacks).
+//!
+//! # Wake-ups
+//!
+//! Modern QEMU's `notify_me`/`notified` protocol (commits eabc977973 and 601829f88e, checked
+//! there with Promela models), plus a `kicked` flag that coalesces the eventfd writes:
+//!
+//! * `notify`: `notified = true`; full fence; if `notify_me != 0` and `kicked` swaps from false to
+//!   true, write the eventfd.
+//! * a blocking poll: compute the timeout; if it is not 0, `notify_me += 2`, full fence, and if
+//!   `notified` is set do not block. After the wait: `notify_me -= 2`; `notified = false`; full
+//!   fence; then look at BHs, descriptors and timers.
+//! * when the wait reports the eventfd readable, the poller drains it and only then clears
+//!   `kicked`.
+//!
+//! Invariants:
+//! * No lost wake-up: a producer publishes its work, then `notified`, then reads `notify_me`; the
+//!   poller publishes `notify_me`, then reads `notified` (and, before that, computed the timeout
+//!   from the work). With full fences on both sides, either the producer sees the poller asleep
+//!   and writes, or the poller sees `notified` and does not sleep.
+//! * `kicked == true` implies an eventfd write has been or is about to be made and not yet
+//!   drained, so skipping the write when `kicked` is set never leaves a sleeping poller unwoken;
+//!   it also means at most one write per sleep.
+//! * No syscall while the loop is awake: `notify_me` is 0 outside the wait.
+//!
+//! `notify_me` bit 0 is set between [`AioContext::prepare`] and [`AioContext::pending`] (an outer
+//! loop is about to wait on the context's descriptor), like QEMU's GSource.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::Mutex;
+
+use crate::bh::{self, Bh, BhNode, BhQueue, BhWork};
+use crate::callback::{self, Handler};
+use crate::clock::{self, ClockType};
+use crate::handlers::{Handlers, NOTIFY_TOKEN};
+use crate::lock::{RFifoGuard, RFifoLock};
+use crate::notifier::EventNotifier;
+use crate::registry::Registry;
+use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier};
+use crate::timer::{Timer, TimerLists};
+
+/// How long a poll with only idle BHs scheduled may block (QEMU's 10 ms).
+const IDLE_BH_TIMEOUT_NS: i64 = 10_000_000;
+
+/// The part of a context that its BHs and timers share: everything needed to schedule work and
+/// wake the loop, and nothing that keeps the loop's descriptors alive.
+pub(crate) struct Core {
+    pub(crate) bhs: BhQueue,
+    pub(crate) timers: TimerLists,
+    pub(crate) bh_registry: Registry,
+    pub(crate) timer_registry: Registry,
+    notify_me: AtomicU32,
+    notified: AtomicBool,
+    kicked: AtomicBool,
+    event: RawNotifier,
+    closed: AtomicBool,
+    /// Kept alive here so the virtual clock can wake this context (it holds a weak reference).
+    virtual_waker: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl Core {
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    /// QEMU's `aio_notify`.
+    pub(crate) fn notify(&self) {
+        self.notified.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.notify_me.load(Ordering::Relaxed) != 0 && !self.kicked.swap(true, Ordering::AcqRel)
+        {
+            // Failing to write an eventfd means the descriptor is gone, which cannot happen
+            // while `self` is alive; there is nobody to report it to.
+            let _ = self.event.set();
+        }
+    }
+
+    /// QEMU's `aio_notify_accept`.
+    fn notify_accept(&self) {
+        self.notified.store(false, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    pub(crate) fn watch_virtual_clock(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        self.virtual_waker.get_or_init(|| {
+            let waker: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                if let Some(core) = weak.upgrade() {
+                    core.notify();
+                }
+            });
+            clock::watch_virtual(&waker);
+            waker
+        });
+    }
+}
+
+/// Everything a context owns. Dropped when the last [`AioContext`] handle goes.
+pub(crate) struct Inner {
+    pub(crate) core: Arc<Core>,
+    poller: Box<dyn Poller>,
+    backend: Backend,
+    lock: RFifoLock,
+    handlers: Handlers,
+    /// BHs taken off the queue and not yet run: the current poll's slice, plus the remaining
+    /// slices of polls further up the stack, which a nested poll runs first.
+    run_queue: Mutex<VecDeque<Arc<BhNode>>>,
+    /// Completed waits; events of an older wait are stale once a newer (nested) wait has run.
+    wait_epoch: AtomicU64,
+    /// Events collected by `pending` for the next `dispatch` (outer-loop driving).
+    stashed: Mutex<Option<(u64, Vec<Event>)>>,
+    /// Spare event buffers, so polls do not allocate.
+    buffers: Mutex<Vec<Vec<Event>>>,
+}
+
+/// The event loop (QEMU's `AioContext`).
+///
+/// A context owns bottom halves, fd and event-notifier handlers and timers; [`poll`](Self::poll)
+/// waits for them and runs their callbacks on the calling thread. The handle is cheap to clone
+/// (QEMU's `aio_context_ref`) and may be used from any thread; dropping the last handle
+/// (`aio_context_unref`) releases every callback still registered without running it.
+///
+/// Callbacks run on whichever thread polls, one poll at a time: [`poll`](Self::poll) takes the
+/// context lock ([`acquire`](Self::acquire)) for its duration. A callback may register or remove
+/// any handler, timer or BH (its own included) and may call `poll` again (a nested loop); a
+/// callback that is already running is never re-entered by a nested poll: it runs again once it
+/// has returned.
+///
+/// A callback that captures a clone of its own context keeps that context alive until the
+/// callback is removed; capture [`AioContext::downgrade`] instead.
+///
+/// ```
+/// # fn main() -> std::io::Result<()> {
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+///
+/// let ctx = aioctx::AioContext::new()?;
+/// let ran = Arc::new(AtomicUsize::new(0));
+/// let r = ran.clone();
+/// ctx.bh_schedule_oneshot(move || {
+///     r.fetch_add(1, Ordering::Relaxed);
+/// });
+/// assert!(ctx.poll(true)); // runs the BH, does not block
+/// assert_eq!(ran.load(Ordering::Relaxed), 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AioContext {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A weak reference to a context, which does not keep it alive (for callbacks that need their
+/// own context).
+#[derive(Clone)]
+pub struct WeakAioContext {
+    inner: Weak<Inner>,
+}
+
+impl WeakAioContext {
+    /// The context, if it is still alive.
+    pub fn upgrade(&self) -> Option<AioContext> {
+        self.inner.upgrade().map(|inner| AioContext { inner })
+    }
+}
+
+impl std::fmt::Debug for WeakAioContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakAioContext").finish_non_exhaustive()
+    }
+}
+
+/// Options for a new context (QEMU's `aio_context_new` and the IOThread properties).
+///
+/// ```
+/// # fn main() -> std::io::Result<()> {
+/// let ctx = aioctx::AioContext::builder()
+///     .backend(aioctx::Backend::Poll)
+///     .thread_pool_max(8)
+///     .build()?;
+/// assert_eq!(ctx.backend(), aioctx::Backend::Poll);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Builder {
+    backend: Option<Backend>,
+    pub(crate) pool_min: Option<usize>,
+    pub(crate) pool_max: Option<usize>,
+}
+
+impl Builder {
+    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll` or `poll`) decides, and
+    /// without that the platform default ([`Backend::platform_default`]).
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Worker threads the thread pool keeps even when idle (QEMU's `thread-pool-min`, default 0).
+    pub fn thread_pool_min(mut self, n: usize) -> Self {
+        self.pool_min = Some(n);
+        self
+    }
+
+    /// Most worker threads the thread pool runs at once (QEMU's `thread-pool-max`, default 64).
+    pub fn thread_pool_max(mut self, n: usize) -> Self {
+        self.pool_max = Some(n);
+        self
+    }
+
+    /// Creates the context (QEMU's `aio_context_new`).
+    ///
+    /// Fails if the back end cannot be created, if `AIOCTX_BACKEND` names no back end, or if the
+    /// pool's minimum exceeds its maximum.
+    pub fn build(self) -> io::Result<AioContext> {
+        let backend = match self.backend {
+            Some(b) => b,
+            None => match std::env::var("AIOCTX_BACKEND") {
+                Ok(name) if !name.is_empty() => Backend::from_name(&name)
+                    .map_err(|e| io::Error::new(e.kind(), format!("AIOCTX_BACKEND: {e}")))?,
+                _ => Backend::platform_default(),
+            },
+        };
+        let poller = sys::new_poller(backend)?;
+        let event = RawNotifier::new()?;
+        poller.add(
+            event.raw_fd(),
+            NOTIFY_TOKEN,
+            Interest {
+                read: true,
+                write: false,
+            },
+        )?;
+        let core = Arc::new(Core {
+            bhs: BhQueue::new(),
+            timers: TimerLists::new(),
+            bh_registry: Registry::new(),
+            timer_registry: Registry::new(),
+            notify_me: AtomicU32::new(0),
+            notified: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
+            event,
+            closed: AtomicBool::new(false),
+            virtual_waker: OnceLock::new(),
+        });
+        Ok(AioContext {
+            inner: Arc::new(Inner {
+                core,
+                poller,
+                backend,
+                lock: RFifoLock::new(),
+                handlers: Handlers::new(),
+                run_queue: Mutex::new(VecDeque::new()),
+                wait_epoch: AtomicU64::new(0),
+                stashed: Mutex::new(None),
+                buffers: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+}
+
+/// Holds the context lock (QEMU's `aio_context_acquire`); dropping it is `aio_context_release`.
+///
+/// The lock is recursive and FIFO-fair: threads get it in the order they asked. A thread that
+/// waits for it wakes the holder out of a blocking [`AioContext::poll`].
+pub struct AioContextGuard<'a> {
+    _guard: RFifoGuard<'a>,
+}
+
+impl std::fmt::Debug for AioContextGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AioContextGuard").finish_non_exhaustive()
+    }
+}
+
+impl AioContext {
+    /// Creates a context with default options (QEMU's `aio_context_new`).
+    pub fn new() -> io::Result<AioContext> {
+        Builder::default().build()
+    }
+
+    /// Options for a new context.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// The back end this context waits with.
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// A weak handle that does not keep the context alive.
+    pub fn downgrade(&self) -> WeakAioContext {
+        WeakAioContext {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// Whether two handles refer to the same context.
+    pub fn ptr_eq(&self, other: &AioContext) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Takes the context lock (QEMU's `aio_context_acquire`); the guard's drop releases it.
+    ///
+    /// Recursive: the holder may take it again. Fair: waiting threads get it in FIFO order. While
+    /// it waits, the calling thread kicks the holder out of a blocking poll.
+    pub fn acquire(&self) -> AioContextGuard<'_> {
+        AioContextGuard {
+            _guard: self.inner.lock.lock(|| self.notify()),
+        }
+    }
+
+    /// Wakes a blocked [`poll`](Self::poll), from any thread (QEMU's `aio_notify`). A notify made
+    /// before the poll starts makes it return at once. Coalesced: while the loop is awake this
+    /// costs no system call, and one sleep costs at most one wake-up write.
+    pub fn notify(&self) {
+        self.inner.core.notify();
+    }
+
+    /// Creates a BH that runs `cb` on this context each time it is scheduled (QEMU's
+    /// `aio_bh_new`). It is not scheduled yet.
+    pub fn bh_new(&self, cb: impl FnMut() + Send + 'static) -> Bh {
+        Bh::new(self.inner.core.clone(), Box::new(cb))
+    }
+
+    /// Runs `cb` once, soon, on this context (QEMU's `aio_bh_schedule_oneshot`). May be called
+    /// from any thread.
+    pub fn bh_schedule_oneshot(&self, cb: impl FnOnce() + Send + 'static) {
+        bh::schedule_oneshot(&self.inner.core, callback::once(cb));
+    }
+
+    /// Sets, replaces or removes the handlers of descriptor `fd` (QEMU's `aio_set_fd_handler`).
+    ///
+    /// `io_read` runs while `fd` is readable, has hung up or has an error; `io_write` runs while
+    /// it is writable or has an error (level-triggered, like poll(2)). Passing `None` for both
+    /// removes the handlers; setting them again replaces both. The context does not own `fd`:
+    /// remove the handlers before closing it.
+    ///
+    /// Errors are the kernel's: for example, epoll refuses regular files (`EPERM`); use the
+    /// `Poll` back end for those.
+    pub fn set_fd_handler(
+        &self,
+        fd: RawFd,
+        io_read: Option<Handler>,
+        io_write: Option<Handler>,
+    ) -> io::Result<()> {
+        let retired = self
+            .inner
+            .handlers
+            .set(&*self.inner.poller, fd, io_read, io_write)?;
+        // A blocked poll must see the new set (the poll(2) back end copies it per wait).
+        self.notify();
+        drop(retired);
+        Ok(())
+    }
+
+    /// Sets or (with `None`) removes the handler of an event notifier (QEMU's
+    /// `aio_set_event_notifier`). `io_read` runs while the notifier is set; it should call
+    /// [`EventNotifier::test_and_clear`].
+    pub fn set_event_notifier(
+        &self,
+        notifier: &EventNotifier,
+        io_read: Option<Handler>,
+    ) -> io::Result<()> {
+        self.set_fd_handler(notifier.raw_fd(), io_read, None)
+    }
+
+    /// Creates a timer on `clock` whose deadlines are in units of `scale` ns (QEMU's
+    /// `aio_timer_new`). It is not armed yet.
+    pub fn timer_new(
+        &self,
+        clock: ClockType,
+        scale: i64,
+        cb: impl FnMut() + Send + 'static,
+    ) -> Timer {
+        Timer::new(self.inner.core.clone(), clock, scale, Box::new(cb))
+    }
+
+    /// How long a poll may block, in ns: 0 if work is ready, -1 for no limit (QEMU's
+    /// `aio_compute_timeout`).
+    pub fn compute_timeout(&self) -> i64 {
+        let _guard = self.acquire();
+        self.inner.compute_timeout()
+    }
+
+    /// Waits for and runs ready callbacks (QEMU's `aio_poll`).
+    ///
+    /// One iteration: compute how long to wait (0 if `blocking` is false, or if a BH is scheduled
+    /// or a timer has expired), wait for descriptors, then run the scheduled BHs, the ready
+    /// handlers and the expired timers, in that order.
+    ///
+    /// Returns true exactly when a user callback ran: a non-idle BH, an fd or notifier handler,
+    /// or a timer. A wake-up by [`notify`](Self::notify) returns false, so callers that wait for
+    /// a condition loop: `while !done { ctx.poll(true); }`.
+    ///
+    /// A blocking poll never returns before the earliest timer's deadline (timeouts are kept in
+    /// nanoseconds and rounded up wherever the OS takes milliseconds), and runs that timer.
+    ///
+    /// A callback that panics unwinds out of `poll`; the context stays usable.
+    pub fn poll(&self, blocking: bool) -> bool {
+        let _guard = self.acquire();
+        let inner = &*self.inner;
+        let core = &*inner.core;
+
+        let mut timeout = if blocking { inner.compute_timeout() } else { 0 };
+        let announced = timeout != 0;
+        if announced {
+            core.notify_me.fetch_add(2, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if core.notified.load(Ordering::Relaxed) {
+                timeout = 0;
+            }
+        }
+        let mut events = inner.take_buffer();
+        let epoch = if timeout != 0 || inner.handlers.count() != 0 {
+            Some(inner.wait(&mut events, timeout))
+        } else {
+            None
+        };
+        if announced {
+            core.notify_me.fetch_sub(2, Ordering::Release);
+        }
+        core.notify_accept();
+
+        let mut progress = inner.run_bhs();
+        if let Some(epoch) = epoch {
+            progress |= inner.dispatch_events(&events, epoch);
+        }
+        progress |= core.timers.run();
+        inner.give_buffer(events);
+        progress
+    }
+
+    /// Prepares for an outer loop's wait (QEMU's `aio_ctx_prepare`): returns true if callbacks
+    /// are ready to run now, so the outer loop should not block. Otherwise the outer loop waits
+    /// for this context's descriptor ([`AsRawFd`](std::os::fd::AsRawFd)) to become readable, at
+    /// most [`compute_timeout`](Self::compute_timeout) ns, then calls
+    /// [`pending`](Self::pending) and [`dispatch`](Self::dispatch).
+    pub fn prepare(&self) -> bool {
+        let _guard = self.acquire();
+        let core = &*self.inner.core;
+        core.notify_me.fetch_or(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        core.notified.load(Ordering::Relaxed) || self.inner.compute_timeout() == 0
+    }
+
+    /// Checks for work after an outer loop's wait (QEMU's `aio_ctx_check`): true if a BH is
+    /// scheduled, a handler's descriptor is ready or a timer has expired. Ends the wait that
+    /// [`prepare`](Self::prepare) announced.
+    pub fn pending(&self) -> bool {
+        let _guard = self.acquire();
+        let inner = &*self.inner;
+        inner.core.notify_me.fetch_and(!1, Ordering::Release);
+        inner.core.notify_accept();
+        let mut events = inner.take_buffer();
+        let epoch = inner.wait(&mut events, 0);
+        let ready = events.iter().any(|e| inner.handlers.wants(e));
+        let previous = inner.stashed.lock().replace((epoch, events));
+        if let Some((_, buf)) = previous {
+            inner.give_buffer(buf);
+        }
+        ready || inner.bh_work() == BhWork::Now || inner.core.timers.deadline_ns() == 0
+    }
+
+    /// Runs what is ready (QEMU's `aio_dispatch`): scheduled BHs, handlers whose descriptors
+    /// [`pending`](Self::pending) found ready (or that are ready now), and expired timers.
+    /// Returns true if a user callback ran.
+    pub fn dispatch(&self) -> bool {
+        let _guard = self.acquire();
+        let inner = &*self.inner;
+        inner.core.notify_me.fetch_and(!1, Ordering::Release);
+        inner.core.notify_accept();
+        let stashed = inner.stashed.lock().take();
+        let (epoch, events) = match stashed {
+            Some(s) => s,
+            None => {
+                let mut events = inner.take_buffer();
+                let epoch = inner.wait(&mut events, 0);
+                (epoch, events)
+            }
+        };
+        let mut progress = inner.run_bhs();
+        progress |= inner.dispatch_events(&events, epoch);
+        progress |= inner.core.timers.run();
+        inner.give_buffer(events);
+        progress
+    }
+
+    /// The descriptors that currently have handlers (not counting the context's own notifier).
+    pub fn registered_fds(&self) -> Vec<RawFd> {
+        self.inner.handlers.fds()
+    }
+}
+
+impl Inner {
+    fn bh_work(&self) -> BhWork {
+        let taken = bh::scan_taken(&self.run_queue.lock());
+        if taken == BhWork::Now {
+            return taken;
+        }
+        taken.max(self.core.bhs.scan())
+    }
+
+    /// QEMU's `aio_compute_timeout`. Caller holds the context lock.
+    fn compute_timeout(&self) -> i64 {
+        let work = self.bh_work();
+        if work == BhWork::Now {
+            return 0;
+        }
+        let deadline = self.core.timers.deadline_ns();
+        match work {
+            BhWork::Idle if deadline < 0 => IDLE_BH_TIMEOUT_NS,
+            BhWork::Idle => deadline.min(IDLE_BH_TIMEOUT_NS),
+            _ => deadline,
+        }
+    }
+
+    /// Waits on the back end, drains the context's own notifier if it fired, and returns the
+    /// new wait epoch.
+    fn wait(&self, events: &mut Vec<Event>, timeout: i64) -> u64 {
+        if let Err(err) = self.poller.wait(events, timeout) {
+            // Only a broken invariant (a closed epoll descriptor, a bad buffer) gets here.
+            panic!("aioctx: {err}");
+        }
+        if let Some(i) = events.iter().position(|e| e.token == NOTIFY_TOKEN) {
+            events.swap_remove(i);
+            self.core.event.test_and_clear();
+            // Only now may another notify write again (see the module docs).
+            self.core.kicked.store(false, Ordering::Release);
+        }
+        self.wait_epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// QEMU's `aio_bh_poll`: runs the BHs scheduled before this call. Caller holds the lock.
+    fn run_bhs(&self) -> bool {
+        {
+            let mut run = self.run_queue.lock();
+            self.core.bhs.take_into(&mut run);
+            if run.is_empty() {
+                return false;
+            }
+        }
+        let mut progress = false;
+        loop {
+            let Some(node) = self.run_queue.lock().pop_front() else {
+                break;
+            };
+            progress |= bh::run_one(&self.core, node);
+        }
+        progress
+    }
+
+    /// Runs the handlers of `events`, which the wait numbered `epoch` collected.
+    fn dispatch_events(&self, events: &[Event], epoch: u64) -> bool {
+        let mut progress = false;
+        for event in events {
+            // A nested poll inside a handler waited again: its fresher readiness superseded
+            // ours (and it ran what was ready), so the rest of our list may be stale.
+            if self.wait_epoch.load(Ordering::Relaxed) != epoch {
+                break;
+            }
+            progress |= self.handlers.dispatch(event);
+        }
+        progress
+    }
+
+    fn take_buffer(&self) -> Vec<Event> {
+        self.buffers.lock().pop().unwrap_or_default()
+    }
+
+    fn give_buffer(&self, mut buf: Vec<Event>) {
+        buf.clear();
+        self.buffers.lock().push(buf);
+    }
+}
+
+impl Drop for Inner {
+    /// QEMU's `aio_ctx_finalize`: everything still registered is released without running.
+    fn drop(&mut self) {
+        let core = &*self.core;
+        core.closed.store(true, Ordering::SeqCst);
+        // Collect every callback first and drop them after: dropping user closures may drop
+        // handles (BHs, timers) that reach back into the context.
+        let mut doomed: Vec<Handler> = self.handlers.clear(&*self.poller);
+        doomed.extend(core.bh_registry.close());
+        doomed.extend(core.timer_registry.close());
+        let timers = core.timers.clear();
+        core.bhs.clear();
+        let queued = std::mem::take(&mut *self.run_queue.lock());
+        // One-shot BHs are owned by the queue alone.
+        doomed.extend(
+            queued
+                .iter()
+                .filter_map(|n| crate::registry::Release::release(&**n)),
+        );
+        drop(queued);
+        drop(timers);
+        drop(doomed);
+    }
+}
+
+impl std::fmt::Debug for AioContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AioContext")
+            .field("backend", &self.inner.backend)
+            .field("handlers", &self.inner.handlers.count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AioContext {
+    /// The descriptor outer loops wait on (see [`prepare`](Self::prepare)).
+    pub(crate) fn outer_fd(&self) -> RawFd {
+        self.inner.poller.outer_fd()
+    }
+}

@@ -1,0 +1,211 @@
+//! fd and event-notifier handlers (QEMU's `AioHandler`, `aio_set_fd_handler`,
+//! `aio_set_event_notifier`, `aio_dispatch_handlers`).
+//!
+//! One entry per descriptor, in a slab whose key, with a generation number, is the token the back
+//! end reports. Replacing or removing a handler installs new callback cells and marks the old
+//! ones removed, so a dispatch already holding the old cell skips it: once `set_fd_handler`
+//! returns on the loop's thread, the old callbacks are never called again.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::callback::{Call, CallbackCell, Handler};
+use crate::sys::{Event, Interest, Poller, RawFd};
+
+/// The token of the context's own notifier; never a slab token (their low 32 bits are a slab key).
+pub(crate) const NOTIFY_TOKEN: u64 = u64::MAX;
+
+pub(crate) struct HandlerCell {
+    cb: CallbackCell,
+    removed: AtomicBool,
+}
+
+impl HandlerCell {
+    fn new(cb: Option<Handler>) -> Option<Arc<HandlerCell>> {
+        cb.map(|cb| {
+            Arc::new(HandlerCell {
+                cb: CallbackCell::new(cb),
+                removed: AtomicBool::new(false),
+            })
+        })
+    }
+
+    /// Runs the callback unless it was removed or is running further up the stack.
+    fn dispatch(&self) -> bool {
+        !self.removed.load(Ordering::Acquire) && self.cb.call() == Call::Ran
+    }
+}
+
+struct Entry {
+    fd: RawFd,
+    generation: u32,
+    read: Option<Arc<HandlerCell>>,
+    write: Option<Arc<HandlerCell>>,
+}
+
+impl Entry {
+    fn token(&self, key: usize) -> u64 {
+        (u64::from(self.generation) << 32) | key as u64
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    entries: Slab<Entry>,
+    by_fd: HashMap<RawFd, usize>,
+    generation: u32,
+}
+
+/// The handlers of one context.
+pub(crate) struct Handlers {
+    table: Mutex<Table>,
+    /// Registered descriptors; when 0 and nothing asks to block, poll skips the wait syscall.
+    count: AtomicUsize,
+}
+
+/// Callbacks replaced by a registration; dropped by the caller after the table lock is released,
+/// because dropping user closures may run code that registers handlers.
+pub(crate) type Retired = Vec<Arc<HandlerCell>>;
+
+impl Handlers {
+    pub(crate) fn new() -> Handlers {
+        Handlers {
+            table: Mutex::new(Table::default()),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Adds, replaces or (both `None`) removes the handlers of `fd`.
+    pub(crate) fn set(
+        &self,
+        poller: &dyn Poller,
+        fd: RawFd,
+        read: Option<Handler>,
+        write: Option<Handler>,
+    ) -> io::Result<Retired> {
+        let interest = Interest {
+            read: read.is_some(),
+            write: write.is_some(),
+        };
+        let mut retired = Vec::new();
+        let mut table = self.table.lock();
+        let existing = table.by_fd.get(&fd).copied();
+        match existing {
+            None if interest.is_empty() => {}
+            None => {
+                let generation = table.generation;
+                table.generation = table.generation.wrapping_add(1);
+                let entry = table.entries.vacant_entry();
+                let key = entry.key();
+                let new = Entry {
+                    fd,
+                    generation,
+                    read: HandlerCell::new(read),
+                    write: HandlerCell::new(write),
+                };
+                poller.add(fd, new.token(key), interest)?;
+                entry.insert(new);
+                table.by_fd.insert(fd, key);
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(key) if interest.is_empty() => {
+                let entry = table.entries.remove(key);
+                table.by_fd.remove(&fd);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+                retired.extend(entry.read.into_iter().chain(entry.write));
+                // The descriptor may already be closed, which removed it from the kernel's set.
+                let _ = poller.delete(fd);
+            }
+            Some(key) => {
+                let entry = &mut table.entries[key];
+                let old_interest = Interest {
+                    read: entry.read.is_some(),
+                    write: entry.write.is_some(),
+                };
+                if old_interest != interest {
+                    poller.modify(fd, entry.token(key), interest)?;
+                }
+                let old_read = std::mem::replace(&mut entry.read, HandlerCell::new(read));
+                let old_write = std::mem::replace(&mut entry.write, HandlerCell::new(write));
+                retired.extend(old_read.into_iter().chain(old_write));
+            }
+        }
+        drop(table);
+        for cell in &retired {
+            cell.removed.store(true, Ordering::Release);
+        }
+        Ok(retired)
+    }
+
+    /// Runs the handlers of one ready descriptor; returns whether one ran.
+    pub(crate) fn dispatch(&self, event: &Event) -> bool {
+        let (read, write) = {
+            let table = self.table.lock();
+            let key = (event.token & 0xffff_ffff) as usize;
+            match table.entries.get(key) {
+                Some(e) if e.token(key) == event.token => (
+                    event.readable.then(|| e.read.clone()).flatten(),
+                    event.writable.then(|| e.write.clone()).flatten(),
+                ),
+                _ => return false,
+            }
+        };
+        let mut progress = false;
+        if let Some(cell) = read {
+            progress |= cell.dispatch();
+        }
+        if let Some(cell) = write {
+            progress |= cell.dispatch();
+        }
+        progress
+    }
+
+    /// Whether `event` would run a handler.
+    pub(crate) fn wants(&self, event: &Event) -> bool {
+        let table = self.table.lock();
+        let key = (event.token & 0xffff_ffff) as usize;
+        match table.entries.get(key) {
+            Some(e) if e.token(key) == event.token => {
+                (event.readable && e.read.is_some()) || (event.writable && e.write.is_some())
+            }
+            _ => false,
+        }
+    }
+
+    /// Removes every handler (context teardown); returns their callbacks to be dropped.
+    pub(crate) fn clear(&self, poller: &dyn Poller) -> Vec<Handler> {
+        let mut table = self.table.lock();
+        let entries = std::mem::take(&mut table.entries);
+        table.by_fd.clear();
+        self.count.store(0, Ordering::Relaxed);
+        drop(table);
+        let mut callbacks = Vec::new();
+        for (_, entry) in entries {
+            let _ = poller.delete(entry.fd);
+            for cell in entry.read.into_iter().chain(entry.write) {
+                cell.removed.store(true, Ordering::Release);
+                callbacks.extend(cell.cb.release());
+            }
+        }
+        callbacks
+    }
+
+    /// The descriptors with handlers, for tests and diagnostics.
+    pub(crate) fn fds(&self) -> Vec<RawFd> {
+        self.table
+            .lock()
+            .entries
+            .iter()
+            .map(|(_, e)| e.fd)
+            .collect()
+    }
+}

@@ -1,0 +1,160 @@
+//! Operating-system back ends.
+//!
+//! Everything that talks to the kernel about readiness lives below this module, behind the small
+//! [`Poller`] trait, one file per back end (mio and polling are organised the same way). The rest
+//! of the crate is platform independent: it registers descriptors with a token, waits with a
+//! nanosecond timeout and gets back `(token, readiness)` pairs.
+//!
+//! This module is the only place that selects code with `cfg`.
+
+use std::io;
+
+#[cfg(unix)]
+mod epoll;
+#[cfg(unix)]
+mod eventfd;
+#[cfg(unix)]
+mod poll;
+#[cfg(unix)]
+mod unix;
+
+#[cfg(unix)]
+pub(crate) use eventfd::EventFd as RawNotifier;
+
+/// The descriptor type `set_fd_handler` takes: a file descriptor on Unix.
+#[cfg(unix)]
+pub type RawFd = std::os::unix::io::RawFd;
+
+/// Which readiness a registration asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Interest {
+    pub(crate) read: bool,
+    pub(crate) write: bool,
+}
+
+impl Interest {
+    pub(crate) fn is_empty(self) -> bool {
+        !self.read && !self.write
+    }
+}
+
+/// One readiness report from [`Poller::wait`].
+///
+/// `readable` covers input, hang-up and error (QEMU's `G_IO_IN | G_IO_HUP | G_IO_ERR`), so that a
+/// read handler sees end-of-file and errors; `writable` covers output and error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Event {
+    pub(crate) token: u64,
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+}
+
+/// The internal back-end interface: a level-triggered readiness monitor (QEMU's `FDMonOps`).
+///
+/// Implementations are shared between threads: registration may happen from any thread while
+/// one thread (the holder of the context lock) is inside [`Poller::wait`].
+pub(crate) trait Poller: Send + Sync {
+    /// Starts monitoring `fd`; events for it carry `token`.
+    fn add(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()>;
+    /// Changes the interest or token of a monitored `fd`.
+    fn modify(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()>;
+    /// Stops monitoring `fd`.
+    fn delete(&self, fd: RawFd) -> io::Result<()>;
+    /// Waits at most `timeout_ns` nanoseconds (-1: forever, 0: just look) and appends what is
+    /// ready to `events`. It must never return before the timeout unless something is ready or a
+    /// signal interrupted it; where the OS takes milliseconds the timeout is rounded up.
+    fn wait(&self, events: &mut Vec<Event>, timeout_ns: i64) -> io::Result<()>;
+    /// A descriptor that is readable whenever a wait would report something, for outer loops.
+    fn outer_fd(&self) -> RawFd;
+}
+
+/// The back ends a context can use.
+///
+/// `AIOCTX_BACKEND=epoll|poll` picks one for every context built without an explicit choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backend {
+    /// Linux epoll(7) (the default on Linux): cost per wait independent of the number of fds.
+    Epoll,
+    /// Portable poll(2): the whole descriptor set is passed to the kernel on every wait.
+    Poll,
+}
+
+impl Backend {
+    /// The platform default.
+    pub const fn platform_default() -> Backend {
+        Backend::Epoll
+    }
+
+    /// The back end named `name` (`"epoll"` or `"poll"`), case-insensitively.
+    pub fn from_name(name: &str) -> io::Result<Backend> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "epoll" => Ok(Backend::Epoll),
+            "poll" => Ok(Backend::Poll),
+            other => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown aioctx backend {other:?}: expected \"epoll\" or \"poll\""),
+            )),
+        }
+    }
+
+    /// The name `from_name` accepts.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Backend::Epoll => "epoll",
+            Backend::Poll => "poll",
+        }
+    }
+}
+
+/// Builds the back end `kind`.
+pub(crate) fn new_poller(kind: Backend) -> io::Result<Box<dyn Poller>> {
+    match kind {
+        Backend::Epoll => Ok(Box::new(epoll::Epoll::new()?)),
+        Backend::Poll => Ok(Box::new(poll::Poll::new()?)),
+    }
+}
+
+/// Converts a nanosecond timeout to milliseconds for APIs that take them, rounding up so that a
+/// wait never ends before its deadline (QEMU's `qemu_timeout_ns_to_ms`). -1 stays infinite.
+pub(crate) fn timeout_ns_to_ms(ns: i64) -> i32 {
+    if ns < 0 {
+        -1
+    } else {
+        let ms = (ns as u64).div_ceil(1_000_000);
+        ms.min(i32::MAX as u64) as i32
+    }
+}
+
+/// Converts a nanosecond timeout to a `timespec` (`None` for infinite).
+#[cfg(unix)]
+pub(crate) fn timeout_ns_to_timespec(ns: i64) -> Option<libc::timespec> {
+    (ns >= 0).then(|| libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ms_conversion_rounds_up() {
+        assert_eq!(timeout_ns_to_ms(-1), -1);
+        assert_eq!(timeout_ns_to_ms(0), 0);
+        assert_eq!(timeout_ns_to_ms(1), 1);
+        assert_eq!(timeout_ns_to_ms(1_000_000), 1);
+        assert_eq!(timeout_ns_to_ms(1_000_001), 2);
+        assert_eq!(timeout_ns_to_ms(i64::MAX), i32::MAX);
+    }
+
+    #[test]
+    fn backend_names() {
+        assert_eq!(Backend::from_name("EPOLL").unwrap(), Backend::Epoll);
+        assert_eq!(Backend::from_name("poll").unwrap(), Backend::Poll);
+        let err = Backend::from_name("kqueue").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("kqueue"));
+    }
+}
