@@ -5,9 +5,13 @@
 //! - [`proto`]: the wire format, pure parse/encode functions;
 //! - [`handshake`]: option negotiation as a pure state machine;
 //! - [`export`]: blocking file I/O on the served image;
+//! - [`conn`]: one connection's state machine on an aioctx loop;
+//! - [`server`]: listener, I/O threads, shutdown;
 //! - [`cli`]: the command line.
 
 pub mod cli;
+pub mod conn;
 pub mod export;
 pub mod handshake;
 pub mod proto;
+pub mod server;
