@@ -1,6 +1,6 @@
 //! `aioctx-nbd`: serve a raw image over NBD. See `aioctx-nbd --help`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,10 +76,16 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     let size = export.size();
     let server = Server::new(config, Arc::new(export), listener);
-    println!(
+    // Tests and scripts wait for this line; a closed stdout is no reason
+    // to stop serving.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
         "aioctx-nbd: serving {what} ({size} bytes{}) at {uri}",
         if read_only { ", read-only" } else { "" }
     );
-    println!("Try: qemu-img info {uri}");
+    let _ = writeln!(out, "Try: qemu-img info {uri}");
+    let _ = out.flush();
+    drop(out);
     server.run().map_err(|e| e.to_string())
 }
