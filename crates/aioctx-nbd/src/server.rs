@@ -21,7 +21,7 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use aioctx::{AioContext, ClockType, EventNotifier, Handler, SCALE_MS};
+use aioctx::{AioContext, Canceled, ClockType, EventNotifier, Handler, SCALE_MS};
 use parking_lot::Mutex;
 use tracing::{debug, error, info, warn};
 
@@ -168,17 +168,19 @@ impl Shared {
 }
 
 /// Runs `work` on `ctx`'s thread pool and then `done` with its result on
-/// `ctx`'s own thread.
+/// `ctx`'s own thread. We never cancel, so `done` always gets the result.
 pub(crate) fn offload<T: Send + 'static>(
     ctx: &AioContext,
     work: impl FnOnce() -> T + Send + 'static,
     done: impl FnOnce(T) + Send + 'static,
 ) {
-    // Until aioctx has its thread pool, run the work here and complete it
-    // from a bottom half, so completion order and locking are as they will
-    // be with the pool.
-    let result = work();
-    ctx.bh_schedule_oneshot(move || done(result));
+    // Dropping the AioCb does not cancel the request.
+    let _ = ctx
+        .thread_pool()
+        .submit_aio(work, move |result| match result {
+            Ok(value) => done(value),
+            Err(Canceled) => unreachable!("thread-pool requests are never cancelled"),
+        });
 }
 
 /// Accepts connections on the main thread.
