@@ -352,28 +352,29 @@ impl Conn {
             if !self.wants_read() {
                 break;
             }
+            // How much we asked for: a shorter read means the socket is
+            // drained, and another read would only return EAGAIN.
+            let asked;
             let res = match &mut self.phase {
                 // Large payloads go straight into their own buffer.
                 Phase::Payload { buf, filled, .. }
                     if self.inbuf.len() == 0 && buf.len() - *filled >= DIRECT_READ_MIN =>
                 {
-                    match self.stream.read(&mut buf[*filled..]) {
-                        Ok(n) if n > 0 => {
-                            *filled += n;
-                            Ok(n)
-                        }
-                        other => other,
+                    asked = buf.len() - *filled;
+                    let res = self.stream.read(&mut buf[*filled..]);
+                    if let Ok(n) = res {
+                        *filled += n;
                     }
+                    res
                 }
                 _ => {
                     let spare = self.inbuf.spare();
-                    match self.stream.read(spare) {
-                        Ok(n) => {
-                            self.inbuf.tail += n;
-                            Ok(n)
-                        }
-                        Err(e) => Err(e),
+                    asked = spare.len();
+                    let res = self.stream.read(spare);
+                    if let Ok(n) = res {
+                        self.inbuf.tail += n;
                     }
+                    res
                 }
             };
             match res {
@@ -386,7 +387,12 @@ impl Conn {
                     self.close();
                     return;
                 }
-                Ok(_) => self.process_input(),
+                Ok(n) => {
+                    self.process_input();
+                    if n < asked {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -787,6 +793,13 @@ impl Conn {
             } => self.offload(req, move || {
                 let max = if req_one { 1 } else { MAX_EXTENTS };
                 let extents = export.block_status(offset, length, max);
+                if extents.is_empty() {
+                    // Only for length 0: a reply needs at least one extent.
+                    return Outcome::Error {
+                        errno: errno::EINVAL,
+                        message: "block status of an empty range".into(),
+                    };
+                }
                 Outcome::Extents { context, extents }
             }),
         }
@@ -795,8 +808,18 @@ impl Conn {
     fn start_write(&mut self, req: Request, fua: bool, buf: Vec<u8>) {
         let export = self.export.clone();
         let offset = req.offset;
+        // Like reads, try to finish in the page cache without blocking;
+        // FUA writes always wait for the disk, so they go to a worker.
+        let done = if fua || buf.is_empty() {
+            0
+        } else {
+            export.write_nowait(&buf, offset)
+        };
+        if done == buf.len() {
+            return self.queue_reply(req.handle, req.kind, Outcome::Done);
+        }
         self.offload(req, move || {
-            Outcome::from_io(export.write_at(&buf, offset, fua))
+            Outcome::from_io(export.write_at(&buf[done..], offset + done as u64, fua))
         });
     }
 

@@ -9,6 +9,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -21,6 +22,8 @@ pub struct Export {
     file: File,
     size: u64,
     read_only: bool,
+    /// Cleared once the file system turns down `RWF_NOWAIT` writes.
+    nowait_writes: AtomicBool,
 }
 
 /// Why a write-zeroes request failed.
@@ -41,6 +44,7 @@ impl Export {
             file,
             size,
             read_only,
+            nowait_writes: AtomicBool::new(!read_only),
         })
     }
 
@@ -66,6 +70,7 @@ impl Export {
                             file,
                             size,
                             read_only: false,
+                            nowait_writes: AtomicBool::new(true),
                         },
                         path,
                     ));
@@ -104,6 +109,30 @@ impl Export {
             ReadWriteFlags::NOWAIT,
         )
         .unwrap_or_default()
+    }
+
+    /// Writes into the page cache without blocking (`pwritev2` with
+    /// `RWF_NOWAIT`). Returns how many bytes were written; the caller
+    /// finishes the rest on a worker with [`Export::write_at`]. File systems
+    /// without non-blocking buffered writes (ext4 today) are detected on the
+    /// first try and not asked again.
+    pub fn write_nowait(&self, buf: &[u8], offset: u64) -> usize {
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match rustix::io::pwritev2(
+            &self.file,
+            &[IoSlice::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(n) => n,
+            Err(Errno::AGAIN) => 0,
+            Err(_) => {
+                self.nowait_writes.store(false, Ordering::Relaxed);
+                0
+            }
+        }
     }
 
     /// Fills `buf` from `offset`. Bytes past the end of the file read as

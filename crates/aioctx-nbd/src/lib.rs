@@ -9,6 +9,8 @@
 //! - [`server`]: listener, I/O threads, shutdown;
 //! - [`cli`]: the command line.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod conn;
 pub mod export;

@@ -535,12 +535,15 @@ pub struct Session {
     pub meta_context: Option<u32>,
 }
 
-/// A validated transmission request.
+/// A validated transmission request. Offsets and lengths are in bytes and
+/// lie inside the export; `fua` asks for the data to be durable before the
+/// reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)] // the fields are described above
 pub enum Command {
     /// Read `length` bytes at `offset`.
     Read { offset: u64, length: u32 },
-    /// Write the `length`-byte payload at `offset`.
+    /// Write the `length`-byte payload that follows at `offset`.
     Write { offset: u64, length: u32, fua: bool },
     /// Client is leaving.
     Disconnect,
@@ -550,7 +553,8 @@ pub enum Command {
     Trim { offset: u64, length: u32, fua: bool },
     /// Prefetch a range.
     Cache { offset: u64, length: u32 },
-    /// Zero a range.
+    /// Zero a range; `no_hole`: keep it allocated; `fast`: fail with
+    /// `ENOTSUP` rather than write zero buffers.
     WriteZeroes {
         offset: u64,
         length: u32,
@@ -558,7 +562,8 @@ pub enum Command {
         no_hole: bool,
         fast: bool,
     },
-    /// Report allocation status of a range.
+    /// Report allocation status of a range for metadata `context`;
+    /// `req_one`: a single extent.
     BlockStatus {
         offset: u64,
         length: u32,

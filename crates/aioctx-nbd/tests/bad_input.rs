@@ -283,7 +283,11 @@ fn transmission_errors_structured_and_read_only() {
         }
         other => panic!("{other:?}"),
     }
-    c.request(cmd::DISC, 0, 7, 0, 0);
+    // Block status of an empty range: EINVAL, not an empty extent list.
+    c.request(cmd::BLOCK_STATUS, 0, 7, 0, 0);
+    let (h, e, _) = error_chunk(&c.reply());
+    assert_eq!((h, e), (7, errno::EINVAL));
+    c.request(cmd::DISC, 0, 8, 0, 0);
     c.expect_closed();
 }
 

@@ -192,3 +192,22 @@ fn nbdcopy_256m_roundtrip_checksums_match() {
     assert_eq!(common::checksum(&served), want, "served image differs");
     assert_eq!(common::checksum(&dst), want, "copy back differs");
 }
+
+#[test]
+fn uncached_reads_are_served_by_the_thread_pool() {
+    let dir = common::scratch();
+    let img = dir.path().join("disk.img");
+    common::make_image(&img, 8 << 20, |_| Some(0x77));
+    // Push the image out of the page cache so RWF_NOWAIT reads miss and
+    // the reads are finished by workers.
+    let f = std::fs::File::open(&img).unwrap();
+    f.sync_all().unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let s = Server::start(&["-t", path_str(&img)]);
+    let copy = dir.path().join("copy.img");
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &s.uri, path_str(&copy)],
+    );
+    assert_eq!(common::checksum(&copy), common::checksum(&img));
+}
