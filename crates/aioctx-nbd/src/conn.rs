@@ -38,10 +38,12 @@ use crate::server::Shared;
 const INBUF_SIZE: usize = 256 * 1024;
 /// Payloads at least this large are read straight into their own buffer.
 const DIRECT_READ_MIN: usize = 16 * 1024;
-/// Stop reading requests while this many are in flight...
+/// Start no new request while this many are in flight...
 const MAX_INFLIGHT: usize = 128;
-/// ...or while this many reply bytes wait to be sent.
-const MAX_QUEUED_OUT: usize = 64 * 1024 * 1024;
+/// ...or while request buffers and unsent replies hold this many bytes
+/// (more than the largest request, so an idle connection can always
+/// start one).
+const MAX_BUFFERED: usize = 2 * proto::MAX_REQUEST_LEN as usize;
 /// At most this many `read` calls per readiness event, to stay fair to
 /// other connections on the same loop.
 const READS_PER_EVENT: usize = 4;
@@ -127,10 +129,14 @@ impl Outcome {
     fn from_io(r: io::Result<()>) -> Outcome {
         match r {
             Ok(()) => Outcome::Done,
-            Err(e) => Outcome::Error {
-                errno: nbd_errno(&e),
-                message: e.to_string(),
-            },
+            Err(e) => Outcome::io_error(&e),
+        }
+    }
+
+    fn io_error(e: &io::Error) -> Outcome {
+        Outcome::Error {
+            errno: nbd_errno(e),
+            message: e.to_string(),
         }
     }
 }
@@ -252,6 +258,8 @@ pub struct Conn {
     inbuf: InBuf,
     out: OutQueue,
     inflight: usize,
+    /// Bytes of read buffers and write payloads of unanswered requests.
+    held_bytes: usize,
     /// Client sent DISC, or the server is shutting down: read no more.
     draining: bool,
     closed: bool,
@@ -288,6 +296,7 @@ impl Conn {
                 inbuf: InBuf::new(),
                 out: OutQueue::default(),
                 inflight: 0,
+                held_bytes: 0,
                 draining: false,
                 closed: false,
                 registered: (false, false),
@@ -369,6 +378,11 @@ impl Conn {
                 }
                 _ => {
                     let spare = self.inbuf.spare();
+                    if spare.is_empty() {
+                        // Only reachable with requests held back by the
+                        // limits; completions will resume them.
+                        break;
+                    }
                     asked = spare.len();
                     let res = self.stream.read(spare);
                     if let Ok(n) = res {
@@ -415,23 +429,37 @@ impl Conn {
     }
 
     fn flush_output(&mut self) {
-        if self.closed {
-            return;
-        }
-        if let Err(e) = self.out.flush(&mut self.stream) {
-            info!(peer = %self.peer, error = %e, "write error, closing");
-            self.close();
-            return;
+        loop {
+            if self.closed {
+                return;
+            }
+            if let Err(e) = self.out.flush(&mut self.stream) {
+                info!(peer = %self.peer, error = %e, "write error, closing");
+                self.close();
+                return;
+            }
+            // Sending replies may have lifted the limits that held back
+            // requests already in the input buffer.
+            let pending = self.inbuf.len();
+            self.process_input();
+            if self.inbuf.len() == pending || self.out.is_empty() {
+                break;
+            }
         }
         self.maybe_finish();
         self.update_handlers();
     }
 
+    /// Whether a new request may start (limits memory and concurrency
+    /// per connection).
+    fn can_start_request(&self) -> bool {
+        self.inflight < MAX_INFLIGHT && self.held_bytes + self.out.bytes < MAX_BUFFERED
+    }
+
     fn wants_read(&self) -> bool {
         !self.closed
             && !self.draining
-            && self.inflight < MAX_INFLIGHT
-            && self.out.bytes < MAX_QUEUED_OUT
+            && (!matches!(self.phase, Phase::Request) || self.can_start_request())
     }
 
     /// Installs the fd handlers matching what the connection waits for.
@@ -580,7 +608,7 @@ impl Conn {
                     self.after_option(step);
                 }
                 Phase::Request => {
-                    if avail < proto::REQUEST_LEN {
+                    if avail < proto::REQUEST_LEN || !self.can_start_request() {
                         return;
                     }
                     let b = self.inbuf.data()[..proto::REQUEST_LEN].try_into().unwrap();
@@ -635,11 +663,6 @@ impl Conn {
                 }
             }
         }
-    }
-
-    /// A payload the direct read completed.
-    fn payload_complete(&self) -> bool {
-        matches!(&self.phase, Phase::Payload { buf, filled, .. } if *filled == buf.len())
     }
 
     fn after_option(&mut self, step: Step) {
@@ -725,6 +748,7 @@ impl Conn {
                 self.maybe_finish();
             }
             Command::Read { offset, length } => {
+                self.held_bytes += length as usize;
                 let mut buf = vec![0u8; length as usize];
                 let n = if length > 0 {
                     export.read_nowait(&mut buf, offset)
@@ -732,30 +756,27 @@ impl Conn {
                     0
                 };
                 if n == buf.len() {
-                    self.queue_reply(req.handle, req.kind, Outcome::Data { offset, data: buf });
+                    self.complete(req, Outcome::Data { offset, data: buf });
                 } else {
                     self.offload(req, move || {
                         match export.read_at(&mut buf[n..], offset + n as u64) {
                             Ok(()) => Outcome::Data { offset, data: buf },
-                            Err(e) => Outcome::from_io(Err(e)),
+                            Err(e) => Outcome::io_error(&e),
                         }
                     });
                 }
             }
             Command::Write { length, fua, .. } => {
-                self.phase = Phase::Payload {
-                    req,
-                    fua,
-                    buf: vec![0u8; length as usize],
-                    filled: 0,
-                };
-                if length == 0 || self.payload_complete() {
-                    let Phase::Payload { req, fua, buf, .. } =
-                        std::mem::replace(&mut self.phase, Phase::Request)
-                    else {
-                        unreachable!()
+                if length == 0 {
+                    self.start_write(req, fua, Vec::new());
+                } else {
+                    self.held_bytes += length as usize;
+                    self.phase = Phase::Payload {
+                        req,
+                        fua,
+                        buf: vec![0u8; length as usize],
+                        filled: 0,
                     };
-                    self.start_write(req, fua, buf);
                 }
             }
             Command::Flush => self.offload(req, move || Outcome::from_io(export.flush())),
@@ -782,7 +803,7 @@ impl Conn {
                         errno: errno::ENOTSUP,
                         message: "zeroing would not be faster than writing".into(),
                     },
-                    Err(ZeroError::Io(e)) => Outcome::from_io(Err(e)),
+                    Err(ZeroError::Io(e)) => Outcome::io_error(&e),
                 }
             }),
             Command::BlockStatus {
@@ -816,7 +837,7 @@ impl Conn {
             export.write_nowait(&buf, offset)
         };
         if done == buf.len() {
-            return self.queue_reply(req.handle, req.kind, Outcome::Done);
+            return self.complete(req, Outcome::Done);
         }
         self.offload(req, move || {
             Outcome::from_io(export.write_at(&buf[done..], offset + done as u64, fua))
@@ -839,13 +860,24 @@ impl Conn {
                 }
                 return;
             }
-            c.queue_reply(req.handle, req.kind, outcome);
+            c.complete(req, outcome);
+            // Requests held back by the limits may start now.
+            c.process_input();
             // Coalesce the replies of all completions of this loop
             // iteration into one writev.
             if let Some(bh) = &c.flush_bh {
                 bh.schedule();
             }
         });
+    }
+
+    /// Queues the reply of a request that passed validation, releasing its
+    /// buffer accounting.
+    fn complete(&mut self, req: Request, outcome: Outcome) {
+        if matches!(req.kind, proto::cmd::READ | proto::cmd::WRITE) {
+            self.held_bytes -= req.length as usize;
+        }
+        self.queue_reply(req.handle, req.kind, outcome);
     }
 
     /// Encodes the reply to request `handle` and queues it.

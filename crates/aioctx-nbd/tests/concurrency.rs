@@ -112,3 +112,28 @@ fn clients_beyond_shared_limit_wait_their_turn() {
     second.read_exact(&mut b).unwrap();
     assert_eq!(&b[..8], b"NBDMAGIC");
 }
+
+#[test]
+fn pipelined_requests_beyond_the_per_connection_limits() {
+    // 256 reads of 1 MiB = 256 MiB requested at once: more requests and
+    // bytes than a connection may hold, so the server must hold some back
+    // and resume them as replies drain.
+    let dir = common::scratch();
+    let img = dir.path().join("disk.img");
+    common::make_image(&img, 16 << 20, |off| Some((off >> 20) as u8));
+    let expected = std::fs::read(&img).unwrap();
+    let s = Server::start(&["-t", path_str(&img)]);
+    let mut c = Client::connect(s.port);
+    c.go("", true);
+    let n = 256u64;
+    for h in 0..n {
+        c.request(cmd::READ, 0, h, (h % 16) << 20, 1 << 20);
+    }
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let (h, off, data) = c.read_data_chunk();
+        assert_eq!(off, (h % 16) << 20);
+        assert!(data == expected[off as usize..off as usize + (1 << 20)]);
+        assert!(!std::mem::replace(&mut seen[h as usize], true));
+    }
+}
