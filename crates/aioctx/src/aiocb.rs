@@ -9,7 +9,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::AioContext;
 
 /// The error a cancelled operation completes with (QEMU's `-ECANCELED`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Canceled;
 
 impl fmt::Display for Canceled {
@@ -88,14 +88,14 @@ impl AioCb {
     /// `bdrv_aio_cancel`). The completion gets [`Canceled`] if the operation had not started;
     /// a running operation is never interrupted and completes with its real result.
     ///
-    /// On the context's own thread (inside its poll, or holding [`AioContext::acquire`]) this
-    /// polls the context while it waits, so the completion runs here. On any other thread it
-    /// sleeps until the thread polling the context has run the completion.
+    /// On the context's home thread ([`AioContext::in_home_thread`]) this polls the context while
+    /// it waits, so the completion runs here. On any other thread it sleeps until the thread
+    /// polling the context has run the completion.
     pub fn cancel(&self) {
         self.ops.cancel_async();
         let completion = self.ops.completion();
         match self.ops.context() {
-            Some(ctx) if ctx.is_owned_by_current_thread() => {
+            Some(ctx) if ctx.in_home_thread() => {
                 while !completion.is_complete() {
                     ctx.poll(true);
                 }

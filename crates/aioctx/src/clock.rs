@@ -10,8 +10,8 @@
 //! * [`ClockType::VirtualRt`]: equal to `Virtual` (QEMU's `QEMU_CLOCK_VIRTUAL_RT` outside icount
 //!   mode).
 //!
-//! Timers on a stopped virtual clock never fire; starting or advancing the clock wakes every
-//! context that has timers on it.
+//! A stopped virtual clock's timers fire only when the program advances the clock past their
+//! deadlines; starting or advancing the clock wakes every context that has timers on it.
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -56,8 +56,9 @@ impl ClockType {
         }
     }
 
-    /// Whether timers on this clock can run now (a stopped virtual clock cannot advance).
-    pub(crate) fn is_enabled(self) -> bool {
+    /// Whether the clock moves by itself (a stopped virtual clock moves only when the program
+    /// advances it), i.e. whether waiting for one of its deadlines makes sense.
+    pub(crate) fn is_running(self) -> bool {
         match self {
             ClockType::Realtime | ClockType::Host => true,
             ClockType::Virtual | ClockType::VirtualRt => VIRTUAL.lock().running,

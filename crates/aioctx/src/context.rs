@@ -28,7 +28,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::Mutex;
@@ -37,7 +37,7 @@ use crate::bh::{self, Bh, BhNode, BhQueue, BhWork};
 use crate::callback::{self, Handler};
 use crate::clock::{self, ClockType};
 use crate::handlers::{Handlers, NOTIFY_TOKEN};
-use crate::lock::{RFifoGuard, RFifoLock};
+use crate::lock::{thread_token, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::registry::Registry;
 use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier};
@@ -111,6 +111,9 @@ pub(crate) struct Inner {
     /// BHs taken off the queue and not yet run: the current poll's slice, plus the remaining
     /// slices of polls further up the stack, which a nested poll runs first.
     run_queue: Mutex<VecDeque<Arc<BhNode>>>,
+    /// The thread that polled last (a `lock::thread_token`, 0 before the first poll): QEMU's
+    /// home thread, for `AioCb::cancel`.
+    home: AtomicUsize,
     /// Completed waits; events of an older wait are stale once a newer (nested) wait has run.
     wait_epoch: AtomicU64,
     /// Events collected by `pending` for the next `dispatch` (outer-loop driving).
@@ -275,6 +278,7 @@ impl Builder {
                 lock: RFifoLock::new(),
                 handlers: Handlers::new(),
                 run_queue: Mutex::new(VecDeque::new()),
+                home: AtomicUsize::new(0),
                 wait_epoch: AtomicU64::new(0),
                 stashed: Mutex::new(None),
                 buffers: Mutex::new(Vec::new()),
@@ -430,6 +434,7 @@ impl AioContext {
         let _current = task::enter(self);
         let inner = &*self.inner;
         let core = &*inner.core;
+        inner.home.store(thread_token(), Ordering::Relaxed);
 
         let mut timeout = if blocking { inner.compute_timeout() } else { 0 };
         let announced = timeout != 0;
@@ -530,10 +535,16 @@ impl AioContext {
         }
     }
 
-    /// Whether the calling thread holds the context lock (inside its poll, or through
-    /// [`acquire`](Self::acquire)): QEMU's `in_aio_context_home_thread`.
-    pub fn is_owned_by_current_thread(&self) -> bool {
-        self.inner.lock.is_owner()
+    /// Whether the calling thread is the context's home thread (QEMU's
+    /// `in_aio_context_home_thread`): it holds the context lock (inside a poll, or through
+    /// [`acquire`](Self::acquire)), or it was the last thread to poll the context, or nobody has
+    /// polled it yet.
+    pub fn in_home_thread(&self) -> bool {
+        if self.inner.lock.is_owner() {
+            return true;
+        }
+        let home = self.inner.home.load(Ordering::Relaxed);
+        home == 0 || home == thread_token()
     }
 
     /// The descriptors that currently have handlers (not counting the context's own notifier).

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use parking_lot::{Condvar, Mutex};
 
 /// A process-unique, never reused, non-zero id for the calling thread.
-fn thread_token() -> usize {
+pub(crate) fn thread_token() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     thread_local! {
         static TOKEN: Cell<usize> = const { Cell::new(0) };

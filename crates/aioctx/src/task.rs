@@ -394,7 +394,7 @@ impl Future for Sleep {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.clock.is_enabled() && clock_get_ns(self.clock) >= self.deadline_ns {
+        if clock_get_ns(self.clock) >= self.deadline_ns {
             self.timer = None;
             return Poll::Ready(());
         }

@@ -82,8 +82,8 @@ impl TimerLists {
         }
     }
 
-    /// Nanoseconds until the earliest deadline over all running clocks: 0 if one has passed, -1
-    /// if there is none (QEMU's `timerlistgroup_deadline_ns`).
+    /// Nanoseconds until the earliest deadline: 0 if one has passed, -1 if there is none (a
+    /// stopped virtual clock's deadlines count as none: advancing it notifies the context) (QEMU's `timerlistgroup_deadline_ns`).
     pub(crate) fn deadline_ns(&self) -> i64 {
         if self.armed.load(Ordering::Relaxed) == 0 {
             return -1;
@@ -96,12 +96,13 @@ impl TimerLists {
                 .first_key_value()
                 .map(|(k, _)| k.0);
             let Some(expire) = first else { continue };
-            if !clock.is_enabled() {
-                continue;
-            }
             let left = (expire - clock_get_ns(clock)).max(0);
             if left == 0 {
                 return 0;
+            }
+            if !clock.is_running() {
+                // Only the program moves it, and advancing it notifies us.
+                continue;
             }
             if deadline < 0 || left < deadline {
                 deadline = left;
@@ -125,7 +126,7 @@ impl TimerLists {
 
     fn run_clock(&self, clock: ClockType) -> bool {
         let list = &self.lists[clock.index()];
-        if list.lock().queue.is_empty() || !clock.is_enabled() {
+        if list.lock().queue.is_empty() {
             return false;
         }
         // Read the clock once: a callback that re-arms its timer in the future does not run
