@@ -12,10 +12,11 @@
 //! the loop thread, queues the reply. Replies therefore leave in completion
 //! order, not request order, which the protocol allows.
 //!
-//! Ownership: the fd handlers and in-flight completions hold strong
-//! references to the connection; its timer and bottom half hold weak ones.
-//! When the connection closes it removes its fd handlers, and it is freed
-//! once the last in-flight request has completed.
+//! Ownership: an open connection owns itself (`keepalive`); its fd
+//! handlers, timer and bottom half hold weak references, and each in-flight
+//! completion a strong one. Closing removes the fd handlers and drops the
+//! self-reference, so the connection is freed once its last in-flight
+//! request has completed.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
@@ -247,6 +248,8 @@ impl InBuf {
 pub struct Conn {
     ctx: AioContext,
     me: Weak<Mutex<Conn>>,
+    /// The connection's own strong reference, dropped by [`Conn::close`].
+    keepalive: Option<Arc<Mutex<Conn>>>,
     stream: Stream,
     fd: RawFd,
     peer: String,
@@ -285,6 +288,7 @@ impl Conn {
             Mutex::new(Conn {
                 ctx: ctx.clone(),
                 me: me.clone(),
+                keepalive: None,
                 stream,
                 fd,
                 peer,
@@ -306,6 +310,7 @@ impl Conn {
         });
         shared.register(&ctx, Arc::downgrade(&conn));
         let mut c = conn.lock();
+        c.keepalive = Some(conn.clone());
         info!(peer = %c.peer, "client connected");
         if shared.is_shutting_down() {
             c.close();
@@ -472,17 +477,19 @@ impl Conn {
             return;
         }
         let read = want.0.then(|| {
-            let conn = self.arc();
+            let weak = self.me.clone();
             Box::new(move || {
-                let conn = conn.clone();
-                conn.lock().on_readable();
+                if let Some(conn) = weak.upgrade() {
+                    conn.lock().on_readable();
+                }
             }) as Handler
         });
         let write = want.1.then(|| {
-            let conn = self.arc();
+            let weak = self.me.clone();
             Box::new(move || {
-                let conn = conn.clone();
-                conn.lock().flush_output();
+                if let Some(conn) = weak.upgrade() {
+                    conn.lock().flush_output();
+                }
             }) as Handler
         });
         match self.ctx.set_fd_handler(self.fd, read, write) {
@@ -523,6 +530,9 @@ impl Conn {
         if self.inflight == 0 {
             self.shared.connection_finished();
         }
+        // Whoever called us holds a strong reference (every callback
+        // upgrades or owns one before locking), so this is never the last.
+        self.keepalive = None;
     }
 
     // -- decoding ----------------------------------------------------------

@@ -43,7 +43,7 @@ fn sigterm_finishes_in_flight_writes_then_exits() {
     let dir = common::scratch();
     let img = dir.path().join("disk.img");
     common::make_image(&img, 16 << 20, |_| None);
-    let s = Server::start(&["-t", path_str(&img)]);
+    let s = Server::start(&["-t", "-vv", path_str(&img)]);
     let mut c = Client::connect(s.port);
     c.go("", false);
     // Queue a burst of writes, then ask the server to stop before reading
@@ -67,6 +67,7 @@ fn sigterm_finishes_in_flight_writes_then_exits() {
     assert_eq!(code, Some(0), "{log}");
     assert!(log.contains("shutting down"), "{log}");
     assert!(log.contains("image flushed"), "{log}");
+    assert!(!log.contains("did not finish in time"), "{log}");
     let data = std::fs::read(&img).unwrap();
     for r in &acked {
         match r {
