@@ -4,7 +4,10 @@
 #
 # Every server serves the same raw image with the host page cache, and
 # every run uses the same parameters. One run per cell: the numbers are
-# indicative, not statistics.
+# indicative, not statistics. On a small VM they are noisy, queue depth 1
+# most of all: its latency depends on whether client and server threads
+# share a CPU (a cross-CPU wake-up of an idle vCPU costs tens of µs), so
+# the same server can vary by 5x between runs.
 #
 # Usage: crates/aioctx-nbd/bench.sh [IMAGE_SIZE_MIB]   (default 1024)
 # Environment: BENCH_SCALE=N multiplies the request counts (default 1).
