@@ -58,16 +58,20 @@ wait_port() {
 declare -A port
 start_server() {
     local p; p=$(free_port)
-    case "$1" in
-        aioctx-nbd)
-            "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
-        qemu-nbd-threads)
-            qemu-nbd -t -f raw --cache=writeback --aio=threads -b 127.0.0.1 -p "$p" "$img" ;;
-        qemu-nbd-io_uring)
-            qemu-nbd -t -f raw --cache=writeback --aio=io_uring -b 127.0.0.1 -p "$p" "$img" ;;
-        nbdkit-file)
-            nbdkit -f -i 127.0.0.1 -p "$p" file "$img" ;;
-    esac >/dev/null 2>"$work/$1.log" &
+    # `exec` makes the background job the server itself, so $! is its pid.
+    launch() {
+        case "$1" in
+            aioctx-nbd)
+                exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
+            qemu-nbd-threads)
+                exec qemu-nbd -t -f raw --cache=writeback --aio=threads -b 127.0.0.1 -p "$p" "$img" ;;
+            qemu-nbd-io_uring)
+                exec qemu-nbd -t -f raw --cache=writeback --aio=io_uring -b 127.0.0.1 -p "$p" "$img" ;;
+            nbdkit-file)
+                exec nbdkit -f -i 127.0.0.1 -p "$p" file "$img" ;;
+        esac
+    }
+    launch "$1" >/dev/null 2>"$work/$1.log" &
     pids+=($!)
     if wait_port "$p"; then port[$1]=$p; else port[$1]=unavailable; fi
 }
