@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Compares aioctx-nbd with qemu-nbd (--aio=threads and --aio=io_uring) and
+# nbdkit's file plugin using `qemu-img bench` over NBD on loopback.
+#
+# Every server serves the same raw image with the host page cache, and
+# every run uses the same parameters. One run per cell: the numbers are
+# indicative, not statistics. On a small VM they are noisy, queue depth 1
+# most of all: its latency depends on whether client and server threads
+# share a CPU (a cross-CPU wake-up of an idle vCPU costs tens of µs), so
+# the same server can vary by 5x between runs.
+#
+# Usage: crates/aioctx-nbd/bench.sh [IMAGE_SIZE_MIB]   (default 1024)
+# Environment: BENCH_SCALE=N multiplies the request counts (default 1).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+size_mib=${1:-1024}
+scale=${BENCH_SCALE:-1}
+
+for tool in qemu-img qemu-nbd nbdkit; do
+    command -v "$tool" >/dev/null || { echo "bench.sh: $tool not found" >&2; exit 1; }
+done
+
+echo "Building aioctx-nbd (release)..." >&2
+cargo build --release -q -p aioctx-nbd --manifest-path "$root/Cargo.toml"
+aioctx_nbd="$root/target/release/aioctx-nbd"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+img="$work/bench.img"
+echo "Creating a ${size_mib} MiB image with data..." >&2
+dd if=/dev/urandom of="$img" bs=1M count="$size_mib" status=none
+
+# A free loopback port: bind port 0 and read back what the kernel chose.
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits (at most 10 s) until something accepts connections on the port.
+wait_port() {
+    for _ in $(seq 100); do
+        if qemu-img info "nbd://127.0.0.1:$1" >/dev/null 2>&1; then return 0; fi
+        sleep 0.1
+    done
+    return 1
+}
+
+# start_server NAME: starts the server in the background and records its
+# port in port[NAME] ("unavailable" if it did not come up).
+declare -A port
+start_server() {
+    local p; p=$(free_port)
+    # `exec` makes the background job the server itself, so $! is its pid.
+    launch() {
+        case "$1" in
+            aioctx-nbd)
+                exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
+            qemu-nbd-threads)
+                exec qemu-nbd -t -f raw --cache=writeback --aio=threads -b 127.0.0.1 -p "$p" "$img" ;;
+            qemu-nbd-io_uring)
+                exec qemu-nbd -t -f raw --cache=writeback --aio=io_uring -b 127.0.0.1 -p "$p" "$img" ;;
+            nbdkit-file)
+                exec nbdkit -f -i 127.0.0.1 -p "$p" file "$img" ;;
+        esac
+    }
+    launch "$1" >/dev/null 2>"$work/$1.log" &
+    pids+=($!)
+    if wait_port "$p"; then port[$1]=$p; else port[$1]=unavailable; fi
+}
+
+# One benchmark: name, then qemu-img bench arguments.
+tests=(
+    "4k-read-d32|-c $((200000 * scale)) -d 32 -s 4k"
+    "4k-write-d32|-c $((200000 * scale)) -d 32 -s 4k -w"
+    "64k-read-d32|-c $((40000 * scale)) -d 32 -s 64k"
+    "64k-write-d32|-c $((40000 * scale)) -d 32 -s 64k -w"
+    "4k-read-d1|-c $((50000 * scale)) -d 1 -s 4k"
+)
+servers=(aioctx-nbd qemu-nbd-threads qemu-nbd-io_uring nbdkit-file)
+
+for s in "${servers[@]}"; do
+    start_server "$s"
+    [ "${port[$s]}" = unavailable ] && echo "note: $s did not start (see its log)" >&2
+done
+
+iops() { # count seconds
+    awk -v c="$1" -v t="$2" 'BEGIN { if (t > 0) printf "%d", c / t; else print 0 }'
+}
+
+printf '%-14s' "test"
+for s in "${servers[@]}"; do printf '%19s' "$s"; done
+printf '%12s\n' "ratio"
+for t in "${tests[@]}"; do
+    name=${t%%|*}
+    args=${t#*|}
+    count=$(sed -E 's/.*-c ([0-9]+).*/\1/' <<<"$args")
+    printf '%-14s' "$name"
+    best=0
+    mine=0
+    for s in "${servers[@]}"; do
+        if [ "${port[$s]}" = unavailable ]; then
+            printf '%19s' "n/a"
+            continue
+        fi
+        # shellcheck disable=SC2086
+        out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1) || {
+            printf '%19s' "failed"
+            continue
+        }
+        secs=$(sed -nE 's/.*Run completed in ([0-9.]+) seconds.*/\1/p' <<<"$out")
+        v=$(iops "$count" "${secs:-0}")
+        printf '%19s' "$v"
+        if [ "$s" = aioctx-nbd ]; then
+            mine=$v
+        elif [ "$v" -gt "$best" ]; then
+            best=$v
+        fi
+    done
+    awk -v m="$mine" -v b="$best" 'BEGIN { if (b > 0) printf "%12.2f\n", m / b; else print "         n/a" }'
+done
+echo "(IOPS; ratio = aioctx-nbd / best peer)"

@@ -1,0 +1,941 @@
+//! One client connection: a state machine driven by aioctx fd handlers.
+//!
+//! The socket is non-blocking. Its read handler pulls as many bytes as are
+//! available into a buffer and decodes every complete message in it
+//! (handshake options, then transmission requests); its write handler is
+//! installed only while replies are queued. Replies are appended to an
+//! output queue and sent with `writev`, many per system call.
+//!
+//! Requests run concurrently: reads are first tried on the loop thread with
+//! `RWF_NOWAIT` (page-cache hits finish at once); everything that may block
+//! goes to the context's thread pool, and its completion, which runs back on
+//! the loop thread, queues the reply. Replies therefore leave in completion
+//! order, not request order, which the protocol allows.
+//!
+//! Ownership: an open connection owns itself (`keepalive`); its fd
+//! handlers, timer and bottom half hold weak references, and each in-flight
+//! completion a strong one. Closing removes the fd handlers and drops the
+//! self-reference, so the connection is freed once its last in-flight
+//! request has completed.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use aioctx::{AioContext, Bh, ClockType, Handler, Timer, SCALE_MS};
+use parking_lot::Mutex;
+use tracing::{debug, info, trace, warn};
+
+use crate::export::{nbd_errno, Export, ZeroError};
+use crate::handshake::{ExportInfo, Handshake, Step};
+use crate::proto::{self, errno, Command, Extent, Request, Session};
+use crate::server::Shared;
+
+/// Size of the input buffer; a full option (64 KiB) always fits.
+const INBUF_SIZE: usize = 256 * 1024;
+/// Payloads at least this large are read straight into their own buffer.
+const DIRECT_READ_MIN: usize = 16 * 1024;
+/// Start no new request while this many are in flight...
+const MAX_INFLIGHT: usize = 128;
+/// ...or while request buffers and unsent replies hold this many bytes
+/// (more than the largest request, so an idle connection can always
+/// start one).
+const MAX_BUFFERED: usize = 2 * proto::MAX_REQUEST_LEN as usize;
+/// At most this many `read` calls per readiness event, to stay fair to
+/// other connections on the same loop.
+const READS_PER_EVENT: usize = 4;
+/// Block status replies list at most this many extents.
+const MAX_EXTENTS: usize = 1024;
+/// Slices per `writev` (well under `IOV_MAX`).
+const IOV_BATCH: usize = 128;
+
+/// A connected client socket.
+#[derive(Debug)]
+pub enum Stream {
+    /// TCP.
+    Tcp(TcpStream),
+    /// Unix domain socket.
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// What the next bytes from the client are.
+#[derive(Debug)]
+enum Phase {
+    /// The 32-bit client flags.
+    ClientFlags,
+    /// An option header.
+    OptionHeader,
+    /// `len` bytes of data for `option`.
+    OptionData { option: u32, len: usize },
+    /// Skipping the data of an oversized option.
+    SkipOption { option: u32, remaining: u64 },
+    /// A request header.
+    Request,
+    /// The payload of a write.
+    Payload {
+        req: Request,
+        fua: bool,
+        buf: Vec<u8>,
+        filled: usize,
+    },
+    /// Skipping the payload of a refused write, then sending its error.
+    SkipPayload {
+        handle: u64,
+        remaining: u64,
+        error: u32,
+        message: &'static str,
+    },
+}
+
+/// The result of a request, turned into a reply by [`Conn::queue_reply`].
+enum Outcome {
+    Done,
+    Data { offset: u64, data: Vec<u8> },
+    Extents { context: u32, extents: Vec<Extent> },
+    Error { errno: u32, message: String },
+}
+
+impl Outcome {
+    fn from_io(r: io::Result<()>) -> Outcome {
+        match r {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::io_error(&e),
+        }
+    }
+
+    fn io_error(e: &io::Error) -> Outcome {
+        Outcome::Error {
+            errno: nbd_errno(e),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Replies waiting to be written. Small replies are packed into shared
+/// buffers so one `writev` slice carries many of them; read data keeps its
+/// own buffer (no copy).
+#[derive(Default)]
+struct OutQueue {
+    bufs: VecDeque<(Vec<u8>, bool)>,
+    /// Bytes of the front buffer already written.
+    front_sent: usize,
+    bytes: usize,
+}
+
+impl OutQueue {
+    fn push_small(&mut self, b: &[u8]) {
+        self.bytes += b.len();
+        match self.bufs.back_mut() {
+            Some((last, true)) if last.len() < 4096 => last.extend_from_slice(b),
+            _ => self.bufs.push_back((b.to_vec(), true)),
+        }
+    }
+    fn push_data(&mut self, data: Vec<u8>) {
+        if !data.is_empty() {
+            self.bytes += data.len();
+            self.bufs.push_back((data, false));
+        }
+    }
+    fn is_empty(&self) -> bool {
+        self.bufs.is_empty()
+    }
+    /// Writes as much as the socket takes. Returns `Ok(true)` when the
+    /// queue is empty.
+    fn flush(&mut self, stream: &mut Stream) -> io::Result<bool> {
+        while !self.bufs.is_empty() {
+            let mut slices = Vec::with_capacity(IOV_BATCH.min(self.bufs.len()));
+            for (i, (b, _)) in self.bufs.iter().take(IOV_BATCH).enumerate() {
+                let start = if i == 0 { self.front_sent } else { 0 };
+                slices.push(IoSlice::new(&b[start..]));
+            }
+            let mut n = match stream.write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.bytes -= n;
+            while n > 0 {
+                let left = self.bufs[0].0.len() - self.front_sent;
+                if n >= left {
+                    n -= left;
+                    self.bufs.pop_front();
+                    self.front_sent = 0;
+                } else {
+                    self.front_sent += n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Input bytes received but not yet decoded: `buf[head..tail]`.
+struct InBuf {
+    buf: Box<[u8]>,
+    head: usize,
+    tail: usize,
+}
+
+impl InBuf {
+    fn new() -> Self {
+        InBuf {
+            buf: vec![0u8; INBUF_SIZE].into_boxed_slice(),
+            head: 0,
+            tail: 0,
+        }
+    }
+    fn len(&self) -> usize {
+        self.tail - self.head
+    }
+    fn data(&self) -> &[u8] {
+        &self.buf[self.head..self.tail]
+    }
+    fn consume(&mut self, n: usize) {
+        self.head += n;
+        if self.head == self.tail {
+            self.head = 0;
+            self.tail = 0;
+        }
+    }
+    /// Space to read into, moving pending bytes to the front if needed.
+    fn spare(&mut self) -> &mut [u8] {
+        if self.tail == self.buf.len() && self.head > 0 {
+            self.buf.copy_within(self.head..self.tail, 0);
+            self.tail -= self.head;
+            self.head = 0;
+        }
+        &mut self.buf[self.tail..]
+    }
+}
+
+/// Per-connection state; lives in an `Arc<Mutex<_>>` because aioctx
+/// callbacks must be `Send`. All access happens on the owning context's
+/// thread, so the mutex is never contended.
+pub struct Conn {
+    ctx: AioContext,
+    me: Weak<Mutex<Conn>>,
+    /// The connection's own strong reference, dropped by [`Conn::close`].
+    keepalive: Option<Arc<Mutex<Conn>>>,
+    stream: Stream,
+    fd: RawFd,
+    peer: String,
+    export: Arc<Export>,
+    shared: Arc<Shared>,
+    phase: Phase,
+    handshake: Option<Handshake>,
+    session: Option<Session>,
+    inbuf: InBuf,
+    out: OutQueue,
+    inflight: usize,
+    /// Bytes of read buffers and write payloads of unanswered requests.
+    held_bytes: usize,
+    /// Client sent DISC, or the server is shutting down: read no more.
+    draining: bool,
+    closed: bool,
+    /// Handlers currently installed (read, write).
+    registered: (bool, bool),
+    timer: Option<Timer>,
+    flush_bh: Option<Bh>,
+}
+
+impl Conn {
+    /// Starts serving `stream` on `ctx`; must run on `ctx`'s thread.
+    pub fn start(
+        ctx: AioContext,
+        stream: Stream,
+        peer: String,
+        export: Arc<Export>,
+        info: ExportInfo,
+        shared: Arc<Shared>,
+        handshake_timeout: Duration,
+    ) {
+        let fd = stream.raw_fd();
+        let conn = Arc::new_cyclic(|me: &Weak<Mutex<Conn>>| {
+            Mutex::new(Conn {
+                ctx: ctx.clone(),
+                me: me.clone(),
+                keepalive: None,
+                stream,
+                fd,
+                peer,
+                export,
+                shared: shared.clone(),
+                phase: Phase::ClientFlags,
+                handshake: Some(Handshake::new(info)),
+                session: None,
+                inbuf: InBuf::new(),
+                out: OutQueue::default(),
+                inflight: 0,
+                held_bytes: 0,
+                draining: false,
+                closed: false,
+                registered: (false, false),
+                timer: None,
+                flush_bh: None,
+            })
+        });
+        shared.register(&ctx, Arc::downgrade(&conn));
+        let mut c = conn.lock();
+        c.keepalive = Some(conn.clone());
+        info!(peer = %c.peer, "client connected");
+        if shared.is_shutting_down() {
+            c.close();
+            return;
+        }
+
+        let weak = Arc::downgrade(&conn);
+        let timer = ctx.timer_new(ClockType::Realtime, SCALE_MS, move || {
+            if let Some(conn) = weak.upgrade() {
+                let mut c = conn.lock();
+                if c.handshake.is_some() {
+                    warn!(peer = %c.peer, "handshake not finished in time, disconnecting");
+                    c.close();
+                }
+            }
+        });
+        let now_ms = aioctx::clock_get_ns(ClockType::Realtime) / SCALE_MS;
+        timer.modify(now_ms + handshake_timeout.as_millis() as i64);
+        c.timer = Some(timer);
+
+        let weak = Arc::downgrade(&conn);
+        c.flush_bh = Some(ctx.bh_new(move || {
+            if let Some(conn) = weak.upgrade() {
+                conn.lock().flush_output();
+            }
+        }));
+
+        c.out.push_small(&proto::greeting());
+        c.flush_output();
+    }
+
+    /// Stops taking requests because the server is shutting down; the
+    /// connection closes once its in-flight requests are answered.
+    pub fn begin_shutdown(&mut self) {
+        if self.handshake.is_some() {
+            debug!(peer = %self.peer, "closing connection in handshake for shutdown");
+            self.close();
+        } else {
+            self.draining = true;
+            self.maybe_finish();
+            self.update_handlers();
+        }
+    }
+
+    fn arc(&self) -> Arc<Mutex<Conn>> {
+        self.me.upgrade().expect("connection used after free")
+    }
+
+    // -- socket events -----------------------------------------------------
+
+    fn on_readable(&mut self) {
+        for _ in 0..READS_PER_EVENT {
+            if !self.wants_read() {
+                break;
+            }
+            // How much we asked for: a shorter read means the socket is
+            // drained, and another read would only return EAGAIN.
+            let asked;
+            let res = match &mut self.phase {
+                // Large payloads go straight into their own buffer.
+                Phase::Payload { buf, filled, .. }
+                    if self.inbuf.len() == 0 && buf.len() - *filled >= DIRECT_READ_MIN =>
+                {
+                    asked = buf.len() - *filled;
+                    let res = self.stream.read(&mut buf[*filled..]);
+                    if let Ok(n) = res {
+                        *filled += n;
+                    }
+                    res
+                }
+                _ => {
+                    let spare = self.inbuf.spare();
+                    if spare.is_empty() {
+                        // Only reachable with requests held back by the
+                        // limits; completions will resume them.
+                        break;
+                    }
+                    asked = spare.len();
+                    let res = self.stream.read(spare);
+                    if let Ok(n) = res {
+                        self.inbuf.tail += n;
+                    }
+                    res
+                }
+            };
+            match res {
+                Ok(0) => {
+                    if self.inflight > 0 || self.inbuf.len() > 0 || !self.is_idle_phase() {
+                        info!(peer = %self.peer, "client vanished mid-request");
+                    } else {
+                        info!(peer = %self.peer, "client disconnected");
+                    }
+                    self.close();
+                    return;
+                }
+                Ok(n) => {
+                    self.process_input();
+                    if n < asked {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    info!(peer = %self.peer, error = %e, "read error, closing");
+                    self.close();
+                    return;
+                }
+            }
+        }
+        if !self.closed {
+            self.flush_output();
+        }
+    }
+
+    fn is_idle_phase(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Request | Phase::OptionHeader | Phase::ClientFlags
+        )
+    }
+
+    fn flush_output(&mut self) {
+        loop {
+            if self.closed {
+                return;
+            }
+            if let Err(e) = self.out.flush(&mut self.stream) {
+                info!(peer = %self.peer, error = %e, "write error, closing");
+                self.close();
+                return;
+            }
+            // Sending replies may have lifted the limits that held back
+            // requests already in the input buffer.
+            let pending = self.inbuf.len();
+            self.process_input();
+            if self.inbuf.len() == pending || self.out.is_empty() {
+                break;
+            }
+        }
+        self.maybe_finish();
+        self.update_handlers();
+    }
+
+    /// Whether a new request may start (limits memory and concurrency
+    /// per connection).
+    fn can_start_request(&self) -> bool {
+        self.inflight < MAX_INFLIGHT && self.held_bytes + self.out.bytes < MAX_BUFFERED
+    }
+
+    fn wants_read(&self) -> bool {
+        !self.closed
+            && !self.draining
+            && (!matches!(self.phase, Phase::Request) || self.can_start_request())
+    }
+
+    /// Installs the fd handlers matching what the connection waits for.
+    fn update_handlers(&mut self) {
+        if self.closed {
+            return;
+        }
+        let want = (self.wants_read(), !self.out.is_empty());
+        if want == self.registered {
+            return;
+        }
+        let read = want.0.then(|| {
+            let weak = self.me.clone();
+            Box::new(move || {
+                if let Some(conn) = weak.upgrade() {
+                    conn.lock().on_readable();
+                }
+            }) as Handler
+        });
+        let write = want.1.then(|| {
+            let weak = self.me.clone();
+            Box::new(move || {
+                if let Some(conn) = weak.upgrade() {
+                    conn.lock().flush_output();
+                }
+            }) as Handler
+        });
+        match self.ctx.set_fd_handler(self.fd, read, write) {
+            Ok(()) => self.registered = want,
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "cannot watch socket, closing");
+                self.close();
+            }
+        }
+    }
+
+    /// Closes a draining connection once nothing is left to do.
+    fn maybe_finish(&mut self) {
+        if self.draining && self.inflight == 0 && self.out.is_empty() && !self.closed {
+            debug!(peer = %self.peer, "all requests answered, closing");
+            self.close();
+        }
+    }
+
+    /// Hard close: stop watching the socket and shut it down. In-flight
+    /// requests still complete (writes reach the file) but their replies
+    /// are dropped.
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        if self.registered != (false, false) {
+            let _ = self.ctx.set_fd_handler(self.fd, None, None);
+            self.registered = (false, false);
+        }
+        if let Some(t) = &self.timer {
+            t.del();
+        }
+        self.stream.shutdown();
+        self.out = OutQueue::default();
+        info!(peer = %self.peer, "connection closed");
+        if self.inflight == 0 {
+            self.shared.connection_finished();
+        }
+        // Whoever called us holds a strong reference (every callback
+        // upgrades or owns one before locking), so this is never the last.
+        self.keepalive = None;
+    }
+
+    // -- decoding ----------------------------------------------------------
+
+    /// Decodes every complete message in the input buffer.
+    fn process_input(&mut self) {
+        while !self.closed && !self.draining {
+            let avail = self.inbuf.len();
+            match &mut self.phase {
+                Phase::ClientFlags => {
+                    if avail < 4 {
+                        return;
+                    }
+                    let b: [u8; 4] = self.inbuf.data()[..4].try_into().unwrap();
+                    self.inbuf.consume(4);
+                    match proto::parse_client_flags(&b) {
+                        Ok(flags) => {
+                            if let Some(h) = &mut self.handshake {
+                                h.set_client_flags(flags);
+                            }
+                            self.phase = Phase::OptionHeader;
+                        }
+                        Err(flags) => {
+                            warn!(peer = %self.peer, flags, "unknown client flags, closing");
+                            self.close();
+                        }
+                    }
+                }
+                Phase::OptionHeader => {
+                    if avail < proto::OPTION_HEADER_LEN {
+                        return;
+                    }
+                    let b = self.inbuf.data()[..proto::OPTION_HEADER_LEN]
+                        .try_into()
+                        .unwrap();
+                    self.inbuf.consume(proto::OPTION_HEADER_LEN);
+                    match proto::parse_option_header(&b) {
+                        Ok(h) if h.length > proto::MAX_OPTION_LEN => {
+                            warn!(peer = %self.peer, option = h.option, length = h.length,
+                                  "option data too large");
+                            self.phase = Phase::SkipOption {
+                                option: h.option,
+                                remaining: h.length as u64,
+                            };
+                        }
+                        Ok(h) => {
+                            self.phase = Phase::OptionData {
+                                option: h.option,
+                                len: h.length as usize,
+                            }
+                        }
+                        Err(e) => {
+                            warn!(peer = %self.peer, "handshake: {e}, closing");
+                            self.close();
+                        }
+                    }
+                }
+                Phase::OptionData { option, len } => {
+                    let (option, len) = (*option, *len);
+                    if avail < len {
+                        return;
+                    }
+                    let mut out = Vec::new();
+                    let h = self.handshake.as_mut().expect("handshake state");
+                    let step = h.option(option, &self.inbuf.data()[..len], &mut out);
+                    self.inbuf.consume(len);
+                    debug!(peer = %self.peer, option, ?step, "option");
+                    self.out.push_small(&out);
+                    self.after_option(step);
+                }
+                Phase::SkipOption { option, remaining } => {
+                    let n = (*remaining).min(avail as u64);
+                    *remaining -= n;
+                    let (option, done) = (*option, *remaining == 0);
+                    self.inbuf.consume(n as usize);
+                    if !done {
+                        return;
+                    }
+                    let mut out = Vec::new();
+                    let h = self.handshake.as_mut().expect("handshake state");
+                    let step = h.option_too_big(option, &mut out);
+                    self.out.push_small(&out);
+                    self.after_option(step);
+                }
+                Phase::Request => {
+                    if avail < proto::REQUEST_LEN || !self.can_start_request() {
+                        return;
+                    }
+                    let b = self.inbuf.data()[..proto::REQUEST_LEN].try_into().unwrap();
+                    self.inbuf.consume(proto::REQUEST_LEN);
+                    match proto::parse_request(&b) {
+                        Ok(req) => self.handle_request(req),
+                        Err(e) => {
+                            warn!(peer = %self.peer, "request with {e}, closing");
+                            self.close();
+                        }
+                    }
+                }
+                Phase::Payload { buf, filled, .. } => {
+                    let n = (buf.len() - *filled).min(avail);
+                    buf[*filled..*filled + n].copy_from_slice(&self.inbuf.data()[..n]);
+                    *filled += n;
+                    let done = *filled == buf.len();
+                    self.inbuf.consume(n);
+                    if !done {
+                        return;
+                    }
+                    let Phase::Payload { req, fua, buf, .. } =
+                        std::mem::replace(&mut self.phase, Phase::Request)
+                    else {
+                        unreachable!()
+                    };
+                    self.start_write(req, fua, buf);
+                }
+                Phase::SkipPayload {
+                    handle,
+                    remaining,
+                    error,
+                    message,
+                } => {
+                    let n = (*remaining).min(avail as u64);
+                    *remaining -= n;
+                    let (handle, done, error, message) =
+                        (*handle, *remaining == 0, *error, *message);
+                    self.inbuf.consume(n as usize);
+                    if !done {
+                        return;
+                    }
+                    self.phase = Phase::Request;
+                    self.queue_reply(
+                        handle,
+                        proto::cmd::WRITE,
+                        Outcome::Error {
+                            errno: error,
+                            message: message.into(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn after_option(&mut self, step: Step) {
+        match step {
+            Step::Continue => self.phase = Phase::OptionHeader,
+            Step::Close => {
+                info!(peer = %self.peer, "client aborted the handshake");
+                self.handshake = None;
+                self.draining = true;
+            }
+            Step::Drop(why) => {
+                warn!(peer = %self.peer, "{why}, closing");
+                self.close();
+            }
+            Step::Transmission(session) => {
+                info!(peer = %self.peer, structured = session.structured,
+                      block_status = session.meta_context.is_some(), "handshake done");
+                self.handshake = None;
+                self.session = Some(session);
+                self.phase = Phase::Request;
+                if let Some(t) = &self.timer {
+                    t.del();
+                }
+                if self.shared.is_shutting_down() {
+                    self.begin_shutdown();
+                }
+            }
+        }
+    }
+
+    // -- requests ----------------------------------------------------------
+
+    fn handle_request(&mut self, req: Request) {
+        let session = self.session.expect("transmission phase");
+        trace!(peer = %self.peer, ?req, "request");
+        let cmd = match proto::validate(&req, &session) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                warn!(peer = %self.peer, handle = req.handle, kind = req.kind,
+                      offset = req.offset, length = req.length, "refusing request: {e}");
+                if e.discard > 0 {
+                    self.phase = Phase::SkipPayload {
+                        handle: req.handle,
+                        remaining: e.discard as u64,
+                        error: e.errno,
+                        message: e.message,
+                    };
+                } else {
+                    self.queue_reply(
+                        req.handle,
+                        req.kind,
+                        Outcome::Error {
+                            errno: e.errno,
+                            message: e.message.into(),
+                        },
+                    );
+                }
+                return;
+            }
+        };
+        if self.shared.is_shutting_down() && cmd != Command::Disconnect {
+            let outcome = Outcome::Error {
+                errno: errno::ESHUTDOWN,
+                message: "server is shutting down".into(),
+            };
+            if let Command::Write { length, .. } = cmd {
+                self.phase = Phase::SkipPayload {
+                    handle: req.handle,
+                    remaining: length as u64,
+                    error: errno::ESHUTDOWN,
+                    message: "server is shutting down",
+                };
+            } else {
+                self.queue_reply(req.handle, req.kind, outcome);
+            }
+            return;
+        }
+        let export = self.export.clone();
+        match cmd {
+            Command::Disconnect => {
+                info!(peer = %self.peer, "client sent disconnect");
+                self.draining = true;
+                self.maybe_finish();
+            }
+            Command::Read { offset, length } => {
+                self.held_bytes += length as usize;
+                let mut buf = vec![0u8; length as usize];
+                let n = if length > 0 {
+                    export.read_nowait(&mut buf, offset)
+                } else {
+                    0
+                };
+                if n == buf.len() {
+                    self.complete(req, Outcome::Data { offset, data: buf });
+                } else {
+                    self.offload(req, move || {
+                        match export.read_at(&mut buf[n..], offset + n as u64) {
+                            Ok(()) => Outcome::Data { offset, data: buf },
+                            Err(e) => Outcome::io_error(&e),
+                        }
+                    });
+                }
+            }
+            Command::Write { length, fua, .. } => {
+                if length == 0 {
+                    self.start_write(req, fua, Vec::new());
+                } else {
+                    self.held_bytes += length as usize;
+                    self.phase = Phase::Payload {
+                        req,
+                        fua,
+                        buf: vec![0u8; length as usize],
+                        filled: 0,
+                    };
+                }
+            }
+            Command::Flush => self.offload(req, move || Outcome::from_io(export.flush())),
+            Command::Trim {
+                offset,
+                length,
+                fua,
+            } => self.offload(req, move || {
+                Outcome::from_io(export.trim(offset, length as u64, fua))
+            }),
+            Command::Cache { offset, length } => self.offload(req, move || {
+                Outcome::from_io(export.cache(offset, length as u64))
+            }),
+            Command::WriteZeroes {
+                offset,
+                length,
+                fua,
+                no_hole,
+                fast,
+            } => self.offload(req, move || {
+                match export.write_zeroes(offset, length as u64, no_hole, fast, fua) {
+                    Ok(()) => Outcome::Done,
+                    Err(ZeroError::NotFast) => Outcome::Error {
+                        errno: errno::ENOTSUP,
+                        message: "zeroing would not be faster than writing".into(),
+                    },
+                    Err(ZeroError::Io(e)) => Outcome::io_error(&e),
+                }
+            }),
+            Command::BlockStatus {
+                offset,
+                length,
+                req_one,
+                context,
+            } => self.offload(req, move || {
+                let max = if req_one { 1 } else { MAX_EXTENTS };
+                let extents = export.block_status(offset, length, max);
+                if extents.is_empty() {
+                    // Only for length 0: a reply needs at least one extent.
+                    return Outcome::Error {
+                        errno: errno::EINVAL,
+                        message: "block status of an empty range".into(),
+                    };
+                }
+                Outcome::Extents { context, extents }
+            }),
+        }
+    }
+
+    fn start_write(&mut self, req: Request, fua: bool, buf: Vec<u8>) {
+        let export = self.export.clone();
+        let offset = req.offset;
+        // Like reads, try to finish in the page cache without blocking;
+        // FUA writes always wait for the disk, so they go to a worker.
+        let done = if fua || buf.is_empty() {
+            0
+        } else {
+            export.write_nowait(&buf, offset)
+        };
+        if done == buf.len() {
+            return self.complete(req, Outcome::Done);
+        }
+        self.offload(req, move || {
+            Outcome::from_io(export.write_at(&buf[done..], offset + done as u64, fua))
+        });
+    }
+
+    /// Runs `work` on the context's thread pool; its outcome is queued as
+    /// the reply to `req` back on this connection's thread.
+    fn offload(&mut self, req: Request, work: impl FnOnce() -> Outcome + Send + 'static) {
+        self.inflight += 1;
+        self.shared.request_started();
+        let conn = self.arc();
+        crate::server::offload(&self.ctx, work, move |outcome| {
+            let mut c = conn.lock();
+            c.inflight -= 1;
+            c.shared.request_finished();
+            if c.closed {
+                if c.inflight == 0 {
+                    c.shared.connection_finished();
+                }
+                return;
+            }
+            c.complete(req, outcome);
+            // Requests held back by the limits may start now.
+            c.process_input();
+            // Coalesce the replies of all completions of this loop
+            // iteration into one writev.
+            if let Some(bh) = &c.flush_bh {
+                bh.schedule();
+            }
+        });
+    }
+
+    /// Queues the reply of a request that passed validation, releasing its
+    /// buffer accounting.
+    fn complete(&mut self, req: Request, outcome: Outcome) {
+        if matches!(req.kind, proto::cmd::READ | proto::cmd::WRITE) {
+            self.held_bytes -= req.length as usize;
+        }
+        self.queue_reply(req.handle, req.kind, outcome);
+    }
+
+    /// Encodes the reply to request `handle` and queues it.
+    fn queue_reply(&mut self, handle: u64, kind: u16, outcome: Outcome) {
+        if self.closed {
+            return;
+        }
+        let structured = self.session.is_some_and(|s| s.structured);
+        match outcome {
+            Outcome::Done if kind == proto::cmd::READ && structured => {
+                let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN);
+                proto::put_none_chunk(&mut b, handle);
+                self.out.push_small(&b);
+            }
+            Outcome::Done => self.out.push_small(&proto::simple_reply(handle, 0)),
+            Outcome::Data { offset, data } => {
+                if data.is_empty() {
+                    return self.queue_reply(handle, kind, Outcome::Done);
+                }
+                if structured {
+                    let h = proto::offset_data_header(handle, offset, data.len() as u32);
+                    self.out.push_small(&h);
+                } else {
+                    self.out.push_small(&proto::simple_reply(handle, 0));
+                }
+                self.out.push_data(data);
+            }
+            Outcome::Extents { context, extents } => {
+                let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * extents.len());
+                proto::put_block_status_chunk(&mut b, handle, context, &extents);
+                self.out.push_small(&b);
+            }
+            Outcome::Error { errno, message } => {
+                debug!(peer = %self.peer, handle, errno, %message, "error reply");
+                if structured {
+                    let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 6 + message.len());
+                    proto::put_error_chunk(&mut b, handle, errno, &message);
+                    self.out.push_small(&b);
+                } else {
+                    self.out.push_small(&proto::simple_reply(handle, errno));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        trace!(peer = %self.peer, "connection freed");
+    }
+}

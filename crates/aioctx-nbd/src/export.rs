@@ -1,0 +1,384 @@
+//! The exported image: blocking file I/O primitives.
+//!
+//! Everything here is synchronous and meant to run on a thread-pool worker,
+//! except [`Export::read_nowait`], which never blocks and is what lets the
+//! event-loop thread serve page-cache hits itself.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, IoSlice, IoSliceMut};
+use std::num::NonZeroU64;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs::{Advice, FallocateFlags, SeekFrom};
+use rustix::io::{Errno, ReadWriteFlags};
+
+use crate::proto::{errno, state, Extent};
+
+/// A raw image file being served.
+#[derive(Debug)]
+pub struct Export {
+    file: File,
+    size: u64,
+    read_only: bool,
+    /// Cleared once the file system turns down `RWF_NOWAIT` writes.
+    nowait_writes: AtomicBool,
+}
+
+/// Why a write-zeroes request failed.
+#[derive(Debug)]
+pub enum ZeroError {
+    /// `FAST_ZERO` was asked for but zeroing would be as slow as writing.
+    NotFast,
+    /// The I/O failed.
+    Io(io::Error),
+}
+
+impl Export {
+    /// Opens an existing raw image (regular file or block device).
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Export> {
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
+        Ok(Export {
+            file,
+            size,
+            read_only,
+            nowait_writes: AtomicBool::new(!read_only),
+        })
+    }
+
+    /// Creates a sparse temporary image of `size` bytes in `dir`. The file
+    /// is unlinked immediately, so it disappears when the server exits,
+    /// however it exits.
+    pub fn temporary(dir: &Path, size: u64) -> io::Result<(Export, PathBuf)> {
+        let pid = std::process::id();
+        for attempt in 0..100u32 {
+            let path = dir.join(format!("aioctx-nbd-{pid}-{attempt}.img"));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    let res = file.set_len(size);
+                    std::fs::remove_file(&path)?;
+                    res?;
+                    return Ok((
+                        Export {
+                            file,
+                            size,
+                            read_only: false,
+                            nowait_writes: AtomicBool::new(true),
+                        },
+                        path,
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "could not create a temporary image",
+        ))
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether writes are refused.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Reads from the page cache without blocking (`preadv2` with
+    /// `RWF_NOWAIT`). Returns how many bytes were read; 0 means "would
+    /// block" (or end of file), and the caller should finish the read on
+    /// a worker with [`Export::read_at`].
+    pub fn read_nowait(&self, buf: &mut [u8], offset: u64) -> usize {
+        // EAGAIN: not cached; EOPNOTSUPP/EINVAL: kernel or file system
+        // without RWF_NOWAIT. Either way a worker does the read.
+        rustix::io::preadv2(
+            &self.file,
+            &mut [IoSliceMut::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        )
+        .unwrap_or_default()
+    }
+
+    /// Writes into the page cache without blocking (`pwritev2` with
+    /// `RWF_NOWAIT`). Returns how many bytes were written; the caller
+    /// finishes the rest on a worker with [`Export::write_at`]. File systems
+    /// without non-blocking buffered writes (ext4 today) are detected on the
+    /// first try and not asked again.
+    pub fn write_nowait(&self, buf: &[u8], offset: u64) -> usize {
+        if !self.nowait_writes.load(Ordering::Relaxed) {
+            return 0;
+        }
+        match rustix::io::pwritev2(
+            &self.file,
+            &[IoSlice::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(n) => n,
+            Err(Errno::AGAIN) => 0,
+            Err(_) => {
+                self.nowait_writes.store(false, Ordering::Relaxed);
+                0
+            }
+        }
+    }
+
+    /// Fills `buf` from `offset`. Bytes past the end of the file read as
+    /// zeroes (the file may have been truncated behind our back).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`; with `fua` the data is on stable
+    /// storage when this returns.
+    pub fn write_at(&self, buf: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let flags = if fua {
+            ReadWriteFlags::DSYNC
+        } else {
+            ReadWriteFlags::empty()
+        };
+        let mut done = 0;
+        while done < buf.len() {
+            let slice = [IoSlice::new(&buf[done..])];
+            match rustix::io::pwritev2(&self.file, &slice, offset + done as u64, flags) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(Errno::OPNOTSUPP | Errno::NOSYS) if fua => {
+                    // No RWF_DSYNC: write, then sync.
+                    self.file.write_all_at(&buf[done..], offset + done as u64)?;
+                    return self.flush();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> io::Result<()> {
+        rustix::fs::fdatasync(&self.file).map_err(Into::into)
+    }
+
+    /// Discards a range (punches a hole). Trim is a hint, so a file system
+    /// that cannot punch holes is not an error.
+    pub fn trim(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        match self.punch_hole(offset, length) {
+            Ok(()) => {}
+            Err(Errno::OPNOTSUPP | Errno::NOSYS) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, length: u64) -> Result<(), Errno> {
+        rustix::fs::fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            length,
+        )
+    }
+
+    /// Makes a range read as zeroes. Without `no_hole` a hole is punched
+    /// (the blocks are freed); with it the blocks stay allocated. With
+    /// `fast`, fails with [`ZeroError::NotFast`] instead of falling back
+    /// to writing zero buffers.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> Result<(), ZeroError> {
+        if length == 0 {
+            return Ok(());
+        }
+        let mut res = if no_hole {
+            Err(Errno::OPNOTSUPP)
+        } else {
+            self.punch_hole(offset, length)
+        };
+        if res.is_err() {
+            res = rustix::fs::fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, length);
+        }
+        match res {
+            Ok(()) => {}
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) if fast => {
+                return Err(ZeroError::NotFast)
+            }
+            Err(Errno::OPNOTSUPP | Errno::NOSYS | Errno::INVAL) => {
+                self.write_zero_buffers(offset, length)
+                    .map_err(ZeroError::Io)?;
+            }
+            Err(e) => return Err(ZeroError::Io(e.into())),
+        }
+        if fua {
+            self.flush().map_err(ZeroError::Io)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_buffers(&self, offset: u64, length: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; length.min(1 << 20) as usize];
+        let mut done = 0u64;
+        while done < length {
+            let n = (length - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Hints that a range will be read soon.
+    pub fn cache(&self, offset: u64, length: u64) -> io::Result<()> {
+        rustix::fs::fadvise(
+            &self.file,
+            offset,
+            NonZeroU64::new(length),
+            Advice::WillNeed,
+        )
+        .map_err(Into::into)
+    }
+
+    /// Describes the allocation of `[offset, offset + length)` using
+    /// `SEEK_DATA`/`SEEK_HOLE`, in at most `max_extents` extents (the last
+    /// one may stop short of the end of the range).
+    pub fn block_status(&self, offset: u64, length: u32, max_extents: usize) -> Vec<Extent> {
+        let end = offset + length as u64;
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end && extents.len() < max_extents {
+            let Some((is_hole, next)) = self.probe(pos) else {
+                // No SEEK_DATA support: claim "allocated" for the rest.
+                extents.push(Extent {
+                    length: (end - pos) as u32,
+                    flags: 0,
+                });
+                break;
+            };
+            let next = next.clamp(pos + 1, end);
+            let flags = if is_hole {
+                state::HOLE | state::ZERO
+            } else {
+                0
+            };
+            let len = (next - pos) as u32;
+            match extents.last_mut() {
+                Some(last) if last.flags == flags => last.length += len,
+                _ => extents.push(Extent { length: len, flags }),
+            }
+            pos = next;
+        }
+        extents
+    }
+
+    /// Is `pos` in a hole, and where does that hole or data run end?
+    fn probe(&self, pos: u64) -> Option<(bool, u64)> {
+        match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+            Ok(data) if data > pos => Some((true, data)),
+            Ok(_) => match rustix::fs::seek(&self.file, SeekFrom::Hole(pos)) {
+                Ok(hole) => Some((false, hole)),
+                Err(_) => None,
+            },
+            // ENXIO: no data after pos, the rest of the file is a hole.
+            Err(Errno::NXIO) => Some((true, self.size.max(pos + 1))),
+            Err(_) => None,
+        }
+    }
+}
+
+/// Maps an I/O error to the NBD error value sent to the client.
+pub fn nbd_errno(e: &io::Error) -> u32 {
+    match Errno::from_io_error(e) {
+        Some(Errno::PERM | Errno::ACCESS | Errno::ROFS) => errno::EPERM,
+        Some(Errno::NOSPC | Errno::DQUOT | Errno::FBIG) => errno::ENOSPC,
+        Some(Errno::NOMEM) => errno::ENOMEM,
+        Some(Errno::INVAL) => errno::EINVAL,
+        Some(Errno::OVERFLOW) => errno::EOVERFLOW,
+        _ => errno::EIO,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp() -> Export {
+        Export::temporary(&std::env::temp_dir(), 1 << 20).unwrap().0
+    }
+
+    #[test]
+    fn write_read_roundtrip() {
+        let e = tmp();
+        e.write_at(&[7u8; 4096], 8192, true).unwrap();
+        let mut buf = vec![0u8; 4096];
+        e.read_at(&mut buf, 8192).unwrap();
+        assert!(buf.iter().all(|&b| b == 7));
+        // Just written, so it is in the page cache.
+        let mut buf2 = vec![0u8; 4096];
+        let n = e.read_nowait(&mut buf2, 8192);
+        assert!(buf2[..n].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn zeroes_and_block_status() {
+        let e = tmp();
+        let all = e.block_status(0, 1 << 20, 64);
+        assert_eq!(
+            all,
+            vec![Extent {
+                length: 1 << 20,
+                flags: state::HOLE | state::ZERO
+            }]
+        );
+        e.write_at(&vec![1u8; 65536], 65536, false).unwrap();
+        let ext = e.block_status(0, 1 << 20, 64);
+        assert_eq!(ext.iter().map(|x| x.length as u64).sum::<u64>(), 1 << 20);
+        assert_eq!(ext[1].flags, 0, "{ext:?}");
+        e.write_zeroes(65536, 65536, false, false, false).unwrap();
+        let mut buf = vec![1u8; 65536];
+        e.read_at(&mut buf, 65536).unwrap();
+        assert!(buf.iter().all(|&b| b == 0));
+        assert_eq!(e.block_status(0, 1 << 20, 64).len(), 1);
+        assert_eq!(e.block_status(0, 1 << 20, 1).len(), 1);
+    }
+
+    #[test]
+    fn errno_mapping() {
+        assert_eq!(nbd_errno(&Errno::NOSPC.into()), errno::ENOSPC);
+        assert_eq!(nbd_errno(&Errno::ROFS.into()), errno::EPERM);
+        assert_eq!(nbd_errno(&Errno::BADF.into()), errno::EIO);
+    }
+}
