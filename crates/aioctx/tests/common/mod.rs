@@ -35,9 +35,12 @@ pub fn watchdog_for(name: &str, limit: Duration) -> Watchdog {
         .name(format!("watchdog {name}"))
         .spawn(move || {
             if let Err(RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-                eprintln!(
+                // Straight to fd 2: eprintln! would go to the test harness's capture buffer,
+                // which an abort never prints.
+                let msg = format!(
                     "\n*** WATCHDOG: test `{name}` still running after {limit:?}: it hangs; aborting ***\n"
                 );
+                let _ = std::io::stderr().write_all(msg.as_bytes());
                 std::process::abort();
             }
         })
