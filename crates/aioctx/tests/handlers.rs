@@ -244,7 +244,7 @@ fn handler_never_called_when_not_ready() {
     let mut x: u32 = 12345;
     for _ in 0..2000 {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-        let ready = (x >> 16) % 3 == 0;
+        let ready = (x >> 16).is_multiple_of(3);
         if ready {
             write_fd(w.as_raw_fd(), b"y").unwrap();
             expected += 1;

@@ -388,7 +388,7 @@ fn wakeup_storm_never_hangs() {
                 while !s.load(Ordering::SeqCst) {
                     ctx.notify();
                     n += 1;
-                    if n % 64 == 0 {
+                    if n.is_multiple_of(64) {
                         std::thread::yield_now();
                     }
                 }
