@@ -535,3 +535,33 @@ fn schedule_from_other_thread_wakes_poll() {
         assert_eq!(n.get(), round);
     }
 }
+
+/// A BH callback may remove a handler and delete a timer that are both ready in the same poll:
+/// neither runs afterwards.
+#[test]
+fn bh_removes_ready_handler_and_timer() {
+    let _w = watchdog("bh_removes_ready_handler_and_timer");
+    let ctx = ctx();
+    let e = Arc::new(aioctx::EventNotifier::new().unwrap());
+    let (nh, nt) = (Counter::new(), Counter::new());
+    ctx.set_event_notifier(&e, nh.handler()).unwrap();
+    let timer: Arc<Mutex<Option<aioctx::Timer>>> = Arc::new(Mutex::new(Some(ctx.timer_new(
+        aioctx::ClockType::Realtime,
+        1,
+        nt.cb(),
+    ))));
+    drain(&ctx);
+    let (w, e2, t2) = (ctx.downgrade(), e.clone(), timer.clone());
+    let bh = ctx.bh_new(move || {
+        w.upgrade().unwrap().set_event_notifier(&e2, None).unwrap();
+        drop(t2.lock().unwrap().take());
+    });
+    e.set().unwrap();
+    timer.lock().unwrap().as_ref().unwrap().modify(0);
+    bh.schedule();
+    // BHs run before handlers and timers within a poll.
+    assert!(ctx.poll(false));
+    assert!(!ctx.poll(false));
+    assert_eq!((nh.get(), nt.get()), (0, 0));
+    assert!(ctx.registered_fds().is_empty());
+}

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
 
 use aioctx::EventNotifier;
-use common::{ctx, handler, scaled, watchdog, Counter};
+use common::{ctx, handler, watchdog, Counter};
 
 /// test-rfifolock /nesting: the lock is recursive; fully released after the last guard.
 #[test]
@@ -161,7 +161,7 @@ fn mutual_exclusion_multithread() {
     let _w = watchdog("mutual_exclusion_multithread");
     let ctx = ctx();
     const THREADS: usize = 4;
-    let iters = scaled(20_000, 4);
+    let iters = 20_000;
     let inside = Arc::new(AtomicBool::new(false));
     let counter = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(Barrier::new(THREADS));
@@ -201,7 +201,7 @@ fn mutual_exclusion_multithread() {
 fn holder_cannot_overtake_waiter() {
     let _w = watchdog("holder_cannot_overtake_waiter");
     let ctx = ctx();
-    for _ in 0..scaled(50, 5) {
+    for _ in 0..50 {
         let stop = Arc::new(AtomicBool::new(false));
         let turns = Arc::new(AtomicUsize::new(0));
         let hog = {

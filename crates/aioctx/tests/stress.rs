@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier, Mutex};
 
 use aioctx::{clock_get_ns, AioContext, Bh, ClockType, EventNotifier, SCALE_NS};
-use common::{ctx, drain, handler, scaled, watchdog, watchdog_for, Counter};
+use common::{ctx, drain, handler, watchdog, watchdog_for, Counter};
 
 /// A small deterministic PRNG (xorshift), so the threads' choices differ without extra crates.
 struct Rng(u64);
@@ -156,7 +156,7 @@ fn deleted_bhs_never_run() {
     let _w = watchdog("deleted_bhs_never_run");
     let ctx = ctx();
     const SLOTS: usize = 16;
-    let rounds = scaled(20_000, 10);
+    let rounds = 20_000;
     let slots: Arc<Vec<Mutex<Option<Bh>>>> =
         Arc::new((0..SLOTS).map(|_| Mutex::new(None)).collect());
     let ran_dead = Arc::new(AtomicUsize::new(0));
@@ -271,7 +271,7 @@ fn handler_churn_from_other_threads() {
     let _w = watchdog("handler_churn_from_other_threads");
     let ctx = ctx();
     const FDS: usize = 8;
-    let rounds = scaled(10_000, 10);
+    let rounds = 10_000;
     let notifiers: Arc<Vec<EventNotifier>> =
         Arc::new((0..FDS).map(|_| EventNotifier::new().unwrap()).collect());
     let ran_dead = Arc::new(AtomicUsize::new(0));
@@ -373,7 +373,7 @@ fn handler_churn_from_other_threads() {
 fn wakeup_storm_never_hangs() {
     let _w = watchdog("wakeup_storm_never_hangs");
     let ctx = ctx();
-    let rounds = scaled(60_000, 10);
+    let rounds = 60_000;
     let flag_round = Arc::new(AtomicUsize::new(0));
     let bh_runs = Counter::new();
     let timer_runs = Counter::new();
@@ -456,7 +456,7 @@ fn wakeup_storm_never_hangs() {
 fn notify_storm_then_quiet() {
     let _w = watchdog("notify_storm_then_quiet");
     let ctx = ctx();
-    let per_thread = scaled(200_000, 10);
+    let per_thread = 200_000;
     let stop = Arc::new(AtomicBool::new(false));
     let polls = Arc::new(AtomicUsize::new(0));
     let looper = {
@@ -503,7 +503,7 @@ fn oneshots_from_many_threads() {
     let _w = watchdog("oneshots_from_many_threads");
     let ctx = ctx();
     const THREADS: usize = 4;
-    let per_thread = scaled(50_000, 10);
+    let per_thread = 50_000;
     let n = Counter::new();
     let producers: Vec<_> = (0..THREADS)
         .map(|_| {
@@ -533,7 +533,7 @@ fn oneshots_from_many_threads() {
 fn acquire_and_poll_storm() {
     let _w = watchdog("acquire_and_poll_storm");
     let ctx = ctx();
-    let iters = scaled(5_000, 5);
+    let iters = 5_000;
     let inside = Arc::new(AtomicBool::new(false));
     let overlap = Arc::new(AtomicBool::new(false));
     let bh = {
@@ -583,7 +583,7 @@ fn acquire_and_poll_storm() {
 fn ring_of_contexts() {
     let _w = watchdog("ring_of_contexts");
     const N: usize = 4;
-    let hops = scaled(20_000, 10);
+    let hops = 20_000;
     let ctxs: Vec<AioContext> = (0..N).map(|_| ctx()).collect();
     let count = Arc::new(AtomicUsize::new(0));
     let bhs: Arc<Mutex<Vec<Arc<Bh>>>> = Arc::new(Mutex::new(Vec::new()));

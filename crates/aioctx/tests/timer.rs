@@ -581,3 +581,38 @@ fn virtual_clock_stopped_advance_fires_timers() {
     th.join().unwrap();
     assert_eq!(vnow(), target);
 }
+
+/// A timer callback may delete its own timer (drop its own handle); it is freed and never runs
+/// again, even when it had re-armed itself first.
+#[test]
+fn callback_deletes_own_timer() {
+    let _w = watchdog("callback_deletes_own_timer");
+    let ctx = ctx();
+    let n = Counter::new();
+    let c = n.clone();
+    let slot = self_timer(&ctx, ClockType::Realtime, SCALE_NS, move |slot| {
+        c.hit();
+        let me = slot
+            .lock()
+            .unwrap()
+            .take()
+            .expect("deleted timer ran again");
+        me.modify(0);
+        drop(me);
+    });
+    slot.lock().unwrap().as_ref().unwrap().modify(0);
+    assert!(ctx.poll(true));
+    assert_eq!(n.get(), 1);
+    assert!(slot.lock().unwrap().is_none());
+    assert!(!ctx.poll(false));
+    assert_eq!(
+        ctx.compute_timeout(),
+        -1,
+        "the deleted timer is no longer armed"
+    );
+    assert_eq!(
+        Arc::strong_count(&slot),
+        1,
+        "the deleted timer's callback was not freed"
+    );
+}

@@ -66,15 +66,6 @@ pub fn both_backends() -> Vec<AioContext> {
         .collect()
 }
 
-/// `n` in release builds, `n / div` (at least 1) in debug builds, which are much slower.
-pub fn scaled(n: usize, div: usize) -> usize {
-    if cfg!(debug_assertions) {
-        (n / div).max(1)
-    } else {
-        n
-    }
-}
-
 /// A shared counter that callbacks bump.
 #[derive(Clone, Default)]
 pub struct Counter(pub Arc<AtomicUsize>);
