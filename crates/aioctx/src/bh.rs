@@ -20,7 +20,7 @@
 use std::collections::VecDeque;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::callback::{Call, CallbackCell, Handler};
 use crate::context::Core;
@@ -50,6 +50,16 @@ impl BhNode {
             flags: AtomicU32::new(if oneshot { ONESHOT } else { 0 }),
             next: AtomicPtr::new(ptr::null_mut()),
             cb: CallbackCell::new(cb),
+        })
+    }
+
+    /// A node whose callback gets a weak reference to the node itself (async tasks use it to
+    /// build their waker).
+    fn new_cyclic(make_cb: impl FnOnce(&Weak<BhNode>) -> Handler) -> Arc<BhNode> {
+        Arc::new_cyclic(|weak| BhNode {
+            flags: AtomicU32::new(0),
+            next: AtomicPtr::new(ptr::null_mut()),
+            cb: CallbackCell::new(make_cb(weak)),
         })
     }
 }
@@ -233,14 +243,25 @@ pub(crate) fn run_one(core: &Core, node: Arc<BhNode>) -> bool {
 /// [`AioContext::bh_new`]: crate::AioContext::bh_new
 /// [`AioContext::poll`]: crate::AioContext::poll
 pub struct Bh {
-    node: Arc<BhNode>,
+    pub(crate) node: Arc<BhNode>,
     core: Arc<Core>,
     key: Option<usize>,
 }
 
 impl Bh {
     pub(crate) fn new(core: Arc<Core>, cb: Handler) -> Bh {
-        let node = BhNode::new(cb, false);
+        Bh::register(core, BhNode::new(cb, false))
+    }
+
+    /// A BH whose callback gets a weak reference to its own node (see [`schedule_node`]).
+    pub(crate) fn new_cyclic(
+        core: Arc<Core>,
+        make_cb: impl FnOnce(&Weak<BhNode>) -> Handler,
+    ) -> Bh {
+        Bh::register(core, BhNode::new_cyclic(make_cb))
+    }
+
+    fn register(core: Arc<Core>, node: Arc<BhNode>) -> Bh {
         let key = core.bh_registry.insert(node.clone());
         Bh { node, core, key }
     }
@@ -249,9 +270,7 @@ impl Bh {
     /// another thread wakes up (QEMU's `qemu_bh_schedule`). Clears a pending idle schedule's
     /// idleness.
     pub fn schedule(&self) {
-        self.core.bh_enqueue(&self.node, |f| {
-            (f & (SCHEDULED | IDLE) != SCHEDULED).then_some((f | SCHEDULED) & !IDLE)
-        });
+        schedule_node(&self.core, &self.node);
     }
 
     /// Schedules the BH as idle work (QEMU's `qemu_bh_schedule_idle`): it runs within about
@@ -298,6 +317,13 @@ impl std::fmt::Debug for Bh {
             .field("scheduled", &self.is_scheduled())
             .finish()
     }
+}
+
+/// [`Bh::schedule`] for a node known only by reference.
+pub(crate) fn schedule_node(core: &Core, node: &Arc<BhNode>) {
+    core.bh_enqueue(node, |f| {
+        (f & (SCHEDULED | IDLE) != SCHEDULED).then_some((f | SCHEDULED) & !IDLE)
+    });
 }
 
 pub(crate) fn schedule_oneshot(core: &Core, cb: Handler) {

@@ -41,6 +41,8 @@ use crate::lock::{RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::registry::Registry;
 use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier};
+use crate::task::{self, IoWaiters};
+use crate::thread_pool::{PoolConfig, PoolShared, ThreadPool};
 use crate::timer::{Timer, TimerLists};
 
 /// How long a poll with only idle BHs scheduled may block (QEMU's 10 ms).
@@ -115,6 +117,11 @@ pub(crate) struct Inner {
     stashed: Mutex<Option<(u64, Vec<Event>)>>,
     /// Spare event buffers, so polls do not allocate.
     buffers: Mutex<Vec<Vec<Event>>>,
+    /// The worker pool, created on first use (QEMU's `aio_get_thread_pool`).
+    pool: OnceLock<Arc<PoolShared>>,
+    pool_config: PoolConfig,
+    /// Readiness futures waiting on descriptors.
+    pub(crate) io_waiters: IoWaiters,
 }
 
 /// The event loop (QEMU's `AioContext`).
@@ -187,8 +194,7 @@ impl std::fmt::Debug for WeakAioContext {
 #[derive(Clone, Debug, Default)]
 pub struct Builder {
     backend: Option<Backend>,
-    pub(crate) pool_min: Option<usize>,
-    pub(crate) pool_max: Option<usize>,
+    pool: PoolConfig,
 }
 
 impl Builder {
@@ -201,13 +207,19 @@ impl Builder {
 
     /// Worker threads the thread pool keeps even when idle (QEMU's `thread-pool-min`, default 0).
     pub fn thread_pool_min(mut self, n: usize) -> Self {
-        self.pool_min = Some(n);
+        self.pool.min = n;
         self
     }
 
     /// Most worker threads the thread pool runs at once (QEMU's `thread-pool-max`, default 64).
     pub fn thread_pool_max(mut self, n: usize) -> Self {
-        self.pool_max = Some(n);
+        self.pool.max = n;
+        self
+    }
+
+    /// How long a worker above the minimum waits for work before it exits (QEMU's 10 s).
+    pub fn thread_pool_idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.pool.idle_timeout = timeout;
         self
     }
 
@@ -224,6 +236,15 @@ impl Builder {
                 _ => Backend::platform_default(),
             },
         };
+        if self.pool.max == 0 || self.pool.min > self.pool.max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "thread pool limits: min {} must not exceed max {}, and max must be at least 1",
+                    self.pool.min, self.pool.max
+                ),
+            ));
+        }
         let poller = sys::new_poller(backend)?;
         let event = RawNotifier::new()?;
         poller.add(
@@ -257,6 +278,9 @@ impl Builder {
                 wait_epoch: AtomicU64::new(0),
                 stashed: Mutex::new(None),
                 buffers: Mutex::new(Vec::new()),
+                pool: OnceLock::new(),
+                pool_config: self.pool,
+                io_waiters: IoWaiters::default(),
             }),
         })
     }
@@ -403,6 +427,7 @@ impl AioContext {
     /// A callback that panics unwinds out of `poll`; the context stays usable.
     pub fn poll(&self, blocking: bool) -> bool {
         let _guard = self.acquire();
+        let _current = task::enter(self);
         let inner = &*self.inner;
         let core = &*inner.core;
 
@@ -471,6 +496,7 @@ impl AioContext {
     /// Returns true if a user callback ran.
     pub fn dispatch(&self) -> bool {
         let _guard = self.acquire();
+        let _current = task::enter(self);
         let inner = &*self.inner;
         inner.core.notify_me.fetch_and(!1, Ordering::Release);
         inner.core.notify_accept();
@@ -488,6 +514,26 @@ impl AioContext {
         progress |= inner.core.timers.run();
         inner.give_buffer(events);
         progress
+    }
+
+    /// The context's worker pool, created on first use (QEMU's `aio_get_thread_pool`).
+    pub fn thread_pool(&self) -> ThreadPool {
+        let shared = self.inner.pool.get_or_init(|| {
+            PoolShared::new(
+                self.inner.core.clone(),
+                Arc::downgrade(&self.inner),
+                self.inner.pool_config,
+            )
+        });
+        ThreadPool {
+            shared: Arc::clone(shared),
+        }
+    }
+
+    /// Whether the calling thread holds the context lock (inside its poll, or through
+    /// [`acquire`](Self::acquire)): QEMU's `in_aio_context_home_thread`.
+    pub fn is_owned_by_current_thread(&self) -> bool {
+        self.inner.lock.is_owner()
     }
 
     /// The descriptors that currently have handlers (not counting the context's own notifier).
@@ -581,6 +627,9 @@ impl Inner {
 impl Drop for Inner {
     /// QEMU's `aio_ctx_finalize`: everything still registered is released without running.
     fn drop(&mut self) {
+        if let Some(pool) = self.pool.get() {
+            pool.shutdown();
+        }
         let core = &*self.core;
         core.closed.store(true, Ordering::SeqCst);
         // Collect every callback first and drop them after: dropping user closures may drop

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod aiocb;
 mod bh;
 mod callback;
 pub mod clock;
@@ -49,12 +50,17 @@ mod lock;
 mod notifier;
 mod registry;
 mod sys;
+mod task;
+mod thread_pool;
 mod timer;
 
+pub use aiocb::{AioCb, AioCbOps, Canceled, Completion};
 pub use bh::Bh;
 pub use callback::Handler;
 pub use clock::{clock_get_ns, virtual_clock, ClockType, SCALE_MS, SCALE_NS, SCALE_US};
 pub use context::{AioContext, AioContextGuard, Builder, WeakAioContext};
 pub use notifier::EventNotifier;
 pub use sys::{Backend, RawFd};
+pub use task::{sleep, sleep_on, sleep_until, JoinHandle, Readiness, Sleep};
+pub use thread_pool::{RunFuture, ThreadPool};
 pub use timer::Timer;

@@ -60,6 +60,11 @@ impl RFifoLock {
         }
     }
 
+    /// Whether the calling thread holds the lock.
+    pub(crate) fn is_owner(&self) -> bool {
+        self.owner.load(Ordering::Relaxed) == thread_token()
+    }
+
     /// Takes the lock, calling `on_contention` while another thread holds it.
     pub(crate) fn lock(&self, on_contention: impl Fn()) -> RFifoGuard<'_> {
         let me = thread_token();

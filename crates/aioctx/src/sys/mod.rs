@@ -129,7 +129,7 @@ pub(crate) fn timeout_ns_to_ms(ns: i64) -> i32 {
 /// Converts a nanosecond timeout to a `timespec` (`None` for infinite).
 #[cfg(unix)]
 pub(crate) fn timeout_ns_to_timespec(ns: i64) -> Option<libc::timespec> {
-    (ns >= 0).then(|| libc::timespec {
+    (ns >= 0).then_some(libc::timespec {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (ns % 1_000_000_000) as libc::c_long,
     })
