@@ -5,12 +5,14 @@
 //! harmless.
 //!
 //! A counting global allocator checks that the heap returns to its baseline and /proc/self/fd
-//! that no descriptor leaks. This binary holds a single #[test] so no other test allocates
-//! concurrently.
+//! that no descriptor leaks. This binary holds a single #[test], and the allocator counts only
+//! the test's own thread (the scenario spawns no thread), so the watchdog's and the harness's
+//! threads, which start and allocate at unpredictable times, cannot disturb the count.
 
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
@@ -24,27 +26,39 @@ struct Counting;
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 static LIVE_BLOCKS: AtomicIsize = AtomicIsize::new(0);
 
+thread_local! {
+    /// Whether this thread's allocations are counted (a const, destructor-free thread-local, so
+    /// the allocator may read it).
+    static TRACKED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn tracked() -> bool {
+    TRACKED.try_with(Cell::get).unwrap_or(false)
+}
+
 // SAFETY: defers to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded with the caller's layout.
         let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
+        if !p.is_null() && tracked() {
             LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
             LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
         }
         p
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+        if tracked() {
+            LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+            LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
+        }
         // SAFETY: forwarded with the caller's pointer and layout.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: forwarded with the caller's arguments.
         let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
+        if !p.is_null() && tracked() {
             LIVE_BYTES.fetch_add(
                 new_size as isize - layout.size() as isize,
                 Ordering::Relaxed,
@@ -259,6 +273,7 @@ fn scenario(probe: &Probe) -> Survivors {
 #[test]
 fn dropping_the_context_frees_everything() {
     let _w = watchdog("dropping_the_context_frees_everything");
+    TRACKED.with(|t| t.set(true));
     // Warm up lazily initialised statics (clocks, the virtual-clock watcher list, thread ids,
     // panic machinery) so they do not count as leaks.
     for _ in 0..2 {
