@@ -541,7 +541,7 @@ fn virtual_clock_running() {
 /// a program-controlled clock (QEMU's qtest_clock_warp runs the virtual timers it warps past).
 #[test]
 #[ignore = "BUG: timers on a stopped virtual clock never fire, even after advance()/set() move \
-            the clock past their deadline: ClockType::is_enabled (clock.rs:375-379) returns \
+            the clock past their deadline: ClockType::is_enabled (clock.rs:60-65) returns \
             `running`, so TimerLists::run_clock (timer.rs:128) and deadline_ns (timer.rs:99) skip \
             the virtual lists while the clock is stopped; advance()'s wake-up then finds nothing \
             to run"]
