@@ -101,6 +101,8 @@ fn acquire_from_other_thread_preempts_polling_loop() {
         std::thread::spawn(move || {
             ready.wait();
             while !stop.load(Ordering::SeqCst) {
+                // Counted under the lock, so the count cannot move while another thread holds it.
+                let _g = ctx.acquire();
                 ctx.poll(true);
                 polls.hit();
             }
