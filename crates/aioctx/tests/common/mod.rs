@@ -308,8 +308,8 @@ pub fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
-/// Waits until thread `tid` of this process is blocked in the kernel (state `S` or `D` in
-/// /proc), e.g. parked on a lock; returns false if the thread has exited instead. Used to order
+/// Waits until thread `tid` of this process is blocked in the kernel (state `S` in /proc),
+/// e.g. parked on a lock; returns false if the thread has exited instead. Used to order
 /// threads without sleeping for a guessed time.
 pub fn wait_until_thread_blocked(tid: i32) -> bool {
     let path = format!("/proc/self/task/{tid}/stat");
@@ -321,7 +321,9 @@ pub fn wait_until_thread_blocked(tid: i32) -> bool {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.trim_start().chars().next())
             .expect("state field");
-        if state == 'S' || state == 'D' {
+        // Only interruptible sleep: a short uninterruptible one (`D`, e.g. a page fault) may
+        // happen before the thread reached the lock.
+        if state == 'S' {
             return true;
         }
         if state == 'Z' || state == 'X' {
