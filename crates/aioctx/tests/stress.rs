@@ -156,7 +156,7 @@ fn deleted_bhs_never_run() {
     let _w = watchdog("deleted_bhs_never_run");
     let ctx = ctx();
     const SLOTS: usize = 16;
-    let rounds = 20_000;
+    let rounds = 5_000;
     let slots: Arc<Vec<Mutex<Option<Bh>>>> =
         Arc::new((0..SLOTS).map(|_| Mutex::new(None)).collect());
     let ran_dead = Arc::new(AtomicUsize::new(0));
@@ -202,9 +202,15 @@ fn deleted_bhs_never_run() {
             let (slots, ps) = (slots.clone(), producers_stop.clone());
             std::thread::spawn(move || {
                 let mut rng = Rng::new(100 + t);
+                let mut n = 0u32;
                 while !ps.load(Ordering::SeqCst) {
                     if let Some(bh) = slots[rng.below(SLOTS)].lock().unwrap().as_ref() {
                         bh.schedule();
+                    }
+                    // Leave the loop and deleter threads CPU time on a 2-core machine.
+                    n += 1;
+                    if n.is_multiple_of(16) {
+                        std::thread::yield_now();
                     }
                 }
             })
@@ -271,7 +277,7 @@ fn handler_churn_from_other_threads() {
     let _w = watchdog("handler_churn_from_other_threads");
     let ctx = ctx();
     const FDS: usize = 8;
-    let rounds = 10_000;
+    let rounds = 4_000;
     let notifiers: Arc<Vec<EventNotifier>> =
         Arc::new((0..FDS).map(|_| EventNotifier::new().unwrap()).collect());
     let ran_dead = Arc::new(AtomicUsize::new(0));
@@ -310,8 +316,13 @@ fn handler_churn_from_other_threads() {
         let (n, s) = (notifiers.clone(), setter_stop.clone());
         std::thread::spawn(move || {
             let mut rng = Rng::new(3);
+            let mut i = 0u32;
             while !s.load(Ordering::SeqCst) {
                 n[rng.below(FDS)].set().unwrap();
+                i += 1;
+                if i.is_multiple_of(16) {
+                    std::thread::yield_now();
+                }
             }
         })
     };
