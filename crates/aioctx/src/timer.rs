@@ -259,7 +259,7 @@ impl Timer {
             return;
         }
         if self.core.timers.modify(&self.node, ns) {
-            self.core.notify();
+            self.core.notify_changed();
         }
     }
 
@@ -302,6 +302,8 @@ impl Timer {
 impl Drop for Timer {
     fn drop(&mut self) {
         self.del();
+        // Like `Bh`: a callback running on another thread finishes before the drop returns.
+        self.node.cb.quiesce();
         self.core.timer_registry.remove(self.key);
     }
 }
