@@ -303,34 +303,3 @@ pub fn quiet_intentional_panics() {
         }));
     });
 }
-
-/// The calling thread's kernel id.
-pub fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
-}
-
-/// Waits until thread `tid` of this process is blocked in the kernel (state `S` in /proc),
-/// e.g. parked on a lock; returns false if the thread has exited instead. Used to order
-/// threads without sleeping for a guessed time.
-pub fn wait_until_thread_blocked(tid: i32) -> bool {
-    let path = format!("/proc/self/task/{tid}/stat");
-    loop {
-        let Ok(stat) = std::fs::read_to_string(&path) else {
-            return false;
-        };
-        let state = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            .expect("state field");
-        // Only interruptible sleep: a short uninterruptible one (`D`, e.g. a page fault) may
-        // happen before the thread reached the lock.
-        if state == 'S' {
-            return true;
-        }
-        if state == 'Z' || state == 'X' {
-            return false;
-        }
-        std::thread::yield_now();
-    }
-}
