@@ -4,15 +4,15 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 
 use aioctx::{clock_get_ns, AioContext, Backend, Bh, ClockType, EventNotifier, SCALE_MS, SCALE_NS};
+use common::net::{tcp_pair, AsRaw};
 use common::{
-    ctx, drain, handler, is_readable, poll_until, quiet_intentional_panics, schedule_slot, self_bh,
-    wait_readable, watchdog, Counter,
+    ctx, drain, handler, poll_until, quiet_intentional_panics, schedule_slot, self_bh, watchdog,
+    Counter,
 };
 
 /// /aio/notify: a notify wakes the next blocking poll, which returns false; it is consumed.
@@ -50,11 +50,10 @@ fn notify_wakes_next_poll_and_is_not_progress() {
 fn notify_before_poll_from_other_thread() {
     let _w = watchdog("notify_before_poll_from_other_thread");
     let ctx = ctx();
-    let (r, _w_end) = common::pipe();
+    let (r, _w_end) = tcp_pair();
     for with_fd in [false, true] {
         if with_fd {
-            ctx.set_fd_handler(r.as_raw_fd(), handler(|| {}), None)
-                .unwrap();
+            ctx.set_fd_handler(r.raw(), handler(|| {}), None).unwrap();
             drain(&ctx);
         }
         for _ in 0..100 {
@@ -63,7 +62,7 @@ fn notify_before_poll_from_other_thread() {
             assert!(!ctx.poll(true));
         }
     }
-    ctx.set_fd_handler(r.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(r.raw(), None, None).unwrap();
 }
 
 /// notify() from another thread wakes a blocked poll, every time.
@@ -151,9 +150,8 @@ fn poll_return_value_matrix() {
 fn blocking_poll_does_not_block_with_work_pending() {
     let _w = watchdog("blocking_poll_does_not_block_with_work_pending");
     let ctx = ctx();
-    let (r, _w_end) = common::pipe();
-    ctx.set_fd_handler(r.as_raw_fd(), handler(|| {}), None)
-        .unwrap();
+    let (r, _w_end) = tcp_pair();
+    ctx.set_fd_handler(r.raw(), handler(|| {}), None).unwrap();
     let n = Counter::new();
     let bh = ctx.bh_new(n.cb());
     let t = ctx.timer_new(ClockType::Realtime, SCALE_NS, n.cb());
@@ -168,14 +166,18 @@ fn blocking_poll_does_not_block_with_work_pending() {
         assert!(ctx.poll(true));
         assert_eq!(n.get(), i + 1);
     }
-    ctx.set_fd_handler(r.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(r.raw(), None, None).unwrap();
 }
 
 /// The outer-loop protocol (QEMU's GSource prepare/check/dispatch): prepare says whether work is
 /// ready; otherwise the context's descriptor becomes readable when a BH is scheduled, a handler's
 /// fd is ready or the context is notified; pending and dispatch then find and run the work.
+/// Unix only: on Windows a context has no descriptor for an outer loop to wait on
+/// (`prepare_pending_dispatch_without_descriptor` is the part that applies there).
+#[cfg(unix)]
 #[test]
 fn prepare_pending_dispatch() {
+    use common::outer_fd_readable;
     let _w = watchdog("prepare_pending_dispatch");
     let ctx = ctx();
     let n = Counter::new();
@@ -183,7 +185,7 @@ fn prepare_pending_dispatch() {
 
     // Nothing to do.
     assert!(!ctx.prepare());
-    assert!(!is_readable(&ctx));
+    assert!(!outer_fd_readable(&ctx, 0));
     assert!(!ctx.pending());
     assert!(!ctx.dispatch());
 
@@ -200,14 +202,14 @@ fn prepare_pending_dispatch() {
         assert!(!ctx.prepare());
         let b = bh.clone();
         let th = std::thread::spawn(move || b.schedule());
-        assert!(wait_readable(&ctx, -1));
+        assert!(outer_fd_readable(&ctx, -1));
         th.join().unwrap();
         assert!(ctx.pending());
         assert!(ctx.dispatch());
         assert_eq!(n.get(), round);
     }
     assert!(!ctx.prepare());
-    assert!(!is_readable(&ctx), "the wake-up was consumed");
+    assert!(!outer_fd_readable(&ctx, 0), "the wake-up was consumed");
     assert!(!ctx.pending());
     assert!(!ctx.dispatch());
 
@@ -230,7 +232,7 @@ fn prepare_pending_dispatch() {
     assert!(!ctx.prepare());
     let e3 = e.clone();
     let th = std::thread::spawn(move || e3.set().unwrap());
-    assert!(wait_readable(&ctx, -1));
+    assert!(outer_fd_readable(&ctx, -1));
     th.join().unwrap();
     assert!(ctx.pending());
     assert!(ctx.dispatch());
@@ -240,7 +242,7 @@ fn prepare_pending_dispatch() {
     assert!(!ctx.prepare());
     let c2 = ctx.clone();
     let th = std::thread::spawn(move || c2.notify());
-    assert!(wait_readable(&ctx, -1));
+    assert!(outer_fd_readable(&ctx, -1));
     th.join().unwrap();
     assert!(!ctx.pending());
     assert!(!ctx.dispatch());
@@ -256,7 +258,88 @@ fn prepare_pending_dispatch() {
     let timeout = ctx.compute_timeout();
     assert!(timeout > 0 && timeout <= 3 * SCALE_MS);
     let ms = ((timeout + SCALE_MS - 1) / SCALE_MS) as i32;
-    wait_readable(&ctx, ms);
+    outer_fd_readable(&ctx, ms);
+    common::wait_clock_past(ClockType::Realtime, deadline);
+    assert!(ctx.pending(), "an expired timer is pending work");
+    assert!(ctx.dispatch());
+    assert_eq!(n.get(), 22);
+    ctx.set_event_notifier(&e, None).unwrap();
+}
+
+/// The outer-loop protocol as an outer loop without the context's descriptor uses it (the only
+/// way on Windows): prepare says whether to block; work that arrives from another thread while
+/// the outer loop waits (here: until that thread is done) is found by pending and run by
+/// dispatch; a notify alone is no work; an expired timer is.
+#[test]
+fn prepare_pending_dispatch_without_descriptor() {
+    let _w = watchdog("prepare_pending_dispatch_without_descriptor");
+    let ctx = ctx();
+    let n = Counter::new();
+    drain(&ctx);
+
+    assert!(!ctx.prepare());
+    assert!(!ctx.pending());
+    assert!(!ctx.dispatch());
+
+    // A BH scheduled before prepare, then BHs scheduled from another thread during the wait.
+    let bh = Arc::new(ctx.bh_new(n.cb()));
+    bh.schedule();
+    assert!(ctx.prepare());
+    assert!(ctx.pending());
+    assert!(ctx.dispatch());
+    assert_eq!(n.get(), 1);
+    for round in 2..=20 {
+        assert!(!ctx.prepare());
+        let b = bh.clone();
+        std::thread::spawn(move || b.schedule()).join().unwrap();
+        assert!(ctx.pending());
+        assert!(ctx.dispatch());
+        assert_eq!(n.get(), round);
+    }
+    assert!(!ctx.prepare());
+    assert!(!ctx.pending());
+    assert!(!ctx.dispatch());
+
+    // A notifier set from another thread.
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let (e2, c) = (e.clone(), n.clone());
+    ctx.set_event_notifier(
+        &e,
+        handler(move || {
+            assert!(e2.test_and_clear());
+            c.hit();
+        }),
+    )
+    .unwrap();
+    assert!(ctx.prepare(), "the registration's notify is pending");
+    ctx.pending();
+    assert!(!ctx.dispatch());
+    assert!(!ctx.prepare());
+    let e3 = e.clone();
+    std::thread::spawn(move || e3.set().unwrap())
+        .join()
+        .unwrap();
+    assert!(ctx.pending());
+    assert!(ctx.dispatch());
+    assert_eq!(n.get(), 21);
+
+    // A notify from another thread is no work.
+    assert!(!ctx.prepare());
+    let c2 = ctx.clone();
+    std::thread::spawn(move || c2.notify()).join().unwrap();
+    assert!(!ctx.pending());
+    assert!(!ctx.dispatch());
+
+    // A timer: compute_timeout bounds the wait; once it has passed, the timer is pending work.
+    let t = ctx.timer_new(ClockType::Realtime, SCALE_NS, n.cb());
+    let deadline = clock_get_ns(ClockType::Realtime) + 3 * SCALE_MS;
+    t.modify(deadline);
+    while ctx.prepare() {
+        ctx.pending();
+        ctx.dispatch();
+    }
+    let timeout = ctx.compute_timeout();
+    assert!(timeout > 0 && timeout <= 3 * SCALE_MS);
     common::wait_clock_past(ClockType::Realtime, deadline);
     assert!(ctx.pending(), "an expired timer is pending work");
     assert!(ctx.dispatch());
@@ -620,7 +703,8 @@ fn weak_handles() {
     assert!(weak.upgrade().is_none());
 }
 
-/// AioContext::new honours AIOCTX_BACKEND; the builder's explicit choice wins.
+/// AioContext::new honours AIOCTX_BACKEND; the builder's explicit choice wins; a back end this
+/// platform lacks is an error.
 #[test]
 fn backend_selection() {
     let _w = watchdog("backend_selection");
@@ -629,10 +713,17 @@ fn backend_selection() {
         _ => Backend::platform_default(),
     };
     assert_eq!(ctx().backend(), expected);
-    for b in [Backend::Epoll, Backend::Poll] {
+    for &b in Backend::available() {
         let c = AioContext::builder().backend(b).build().unwrap();
         assert_eq!(c.backend(), b);
         assert_eq!(Backend::from_name(b.name()).unwrap(), b);
+    }
+    // Another platform's back end is refused, not substituted.
+    for b in [Backend::Epoll, Backend::Poll, Backend::Windows] {
+        if !Backend::available().contains(&b) {
+            let err = AioContext::builder().backend(b).build().unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::Unsupported, "{b:?}: {err}");
+        }
     }
 }
 

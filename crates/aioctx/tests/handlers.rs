@@ -3,15 +3,15 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use aioctx::{AioContext, EventNotifier, Handler};
-use common::{
-    ctx, drain, drain_fd, drain_socket, fill_socket, handler, pipe, read_fd, socketpair, watchdog,
-    write_fd, Counter,
+use common::net::{
+    await_readable, fill_socket, notifier_raw, read_available, tcp_pair, write_now, AsRaw,
 };
+use common::{ctx, drain, handler, watchdog, Counter};
 
 /// QEMU's `EventNotifierTestData` + `event_ready_cb`: the handler asserts that the notifier is
 /// really set (handlers are never called when their fd is not ready), counts, decrements
@@ -77,7 +77,7 @@ fn event_add_remove() {
     let ctx = ctx();
     let d = EventData::new(0, false);
     d.register(&ctx);
-    assert_eq!(ctx.registered_fds(), vec![d.e.as_raw_fd()]);
+    assert_eq!(ctx.registered_fds(), vec![notifier_raw(&d.e)]);
     assert!(!ctx.poll(false));
     assert_eq!(d.n(), 0);
 
@@ -199,22 +199,22 @@ fn event_wait_no_flush_cb() {
 fn read_handler_is_level_triggered() {
     let _w = watchdog("read_handler_is_level_triggered");
     let ctx = ctx();
-    let (r, w) = pipe();
+    let (mut r, mut w) = tcp_pair();
     let n = Counter::new();
-    ctx.set_fd_handler(r.as_raw_fd(), n.handler(), None)
-        .unwrap();
+    ctx.set_fd_handler(r.raw(), n.handler(), None).unwrap();
     assert!(!ctx.poll(false));
     assert_eq!(n.get(), 0, "not called before the fd is ready");
 
-    write_fd(w.as_raw_fd(), b"x").unwrap();
+    write_now(&mut w, b"x");
+    await_readable(&r);
     for i in 1..=10 {
         assert!(ctx.poll(i % 2 == 0));
         assert_eq!(n.get(), i, "called once per poll while readable");
     }
-    assert_eq!(drain_fd(r.as_raw_fd()), 1);
+    assert_eq!(read_available(&mut r), (b"x".to_vec(), false));
     assert!(!ctx.poll(false));
     assert_eq!(n.get(), 10);
-    ctx.set_fd_handler(r.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(r.raw(), None, None).unwrap();
 }
 
 /// Handlers never run when their fd is not ready, over many polls with random readiness.
@@ -222,16 +222,19 @@ fn read_handler_is_level_triggered() {
 fn handler_never_called_when_not_ready() {
     let _w = watchdog("handler_never_called_when_not_ready");
     let ctx = ctx();
-    let (r, w) = pipe();
-    let fd = r.as_raw_fd();
+    let (r, mut w) = tcp_pair();
+    let r = Arc::new(r);
+    let fd = r.raw();
     let n = Counter::new();
-    let c = n.clone();
+    let (c, r2) = (n.clone(), r.clone());
     ctx.set_fd_handler(
         fd,
         handler(move || {
             let mut b = [0u8; 1];
             assert_eq!(
-                read_fd(fd, &mut b).expect("read handler called, fd not ready"),
+                (&*r2)
+                    .read(&mut b)
+                    .expect("read handler called, fd not ready"),
                 1
             );
             c.hit();
@@ -246,7 +249,8 @@ fn handler_never_called_when_not_ready() {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
         let ready = (x >> 16).is_multiple_of(3);
         if ready {
-            write_fd(w.as_raw_fd(), b"y").unwrap();
+            write_now(&mut w, b"y");
+            await_readable(&*r);
             expected += 1;
         }
         assert_eq!(ctx.poll(false), ready);
@@ -260,10 +264,10 @@ fn handler_never_called_when_not_ready() {
 fn write_handler_follows_writability() {
     let _w = watchdog("write_handler_follows_writability");
     let ctx = ctx();
-    let (mut a, mut b) = socketpair();
+    let (mut a, mut b) = tcp_pair();
     let nw = Counter::new();
     let nr = Counter::new();
-    ctx.set_fd_handler(a.as_raw_fd(), nr.handler(), nw.handler())
+    ctx.set_fd_handler(a.raw(), nr.handler(), nw.handler())
         .unwrap();
     assert!(ctx.poll(false), "an empty socket is writable");
     assert_eq!(nw.get(), 1);
@@ -280,26 +284,64 @@ fn write_handler_follows_writability() {
     assert_eq!(nw.get(), before, "write handler called on a full socket");
 
     // Make room: writable again. Poll until it shows (the kernel frees space in chunks).
-    drain_socket(&mut b);
+    read_available(&mut b);
     while nw.get() == before {
         ctx.poll(true);
     }
     // Read and write handlers of one fd: data arriving runs the read handler too.
     let nr0 = nr.get();
-    std::io::Write::write_all(&mut b, b"ping").unwrap();
+    b.write_all(b"ping").unwrap();
     while nr.get() == nr0 {
         ctx.poll(true);
     }
-    ctx.set_fd_handler(a.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(a.raw(), None, None).unwrap();
     assert!(!ctx.poll(false));
 }
 
-/// Hang-up is reported to the read handler (it sees end-of-file).
+/// Hang-up is reported to the read handler (it sees end-of-file): the peer closes a socket.
 #[test]
 fn hangup_runs_read_handler() {
     let _w = watchdog("hangup_runs_read_handler");
     let ctx = ctx();
-    let (r, w) = pipe();
+    let (r, w) = tcp_pair();
+    let r = Arc::new(r);
+    let fd = r.raw();
+    let eof = Arc::new(AtomicBool::new(false));
+    let (e, r2) = (eof.clone(), r.clone());
+    let ctx2 = ctx.downgrade();
+    ctx.set_fd_handler(
+        fd,
+        handler(move || {
+            let mut b = [0u8; 16];
+            if (&*r2).read(&mut b).unwrap() == 0 {
+                e.store(true, Ordering::SeqCst);
+                // Stop watching a descriptor at EOF, from inside its own handler.
+                ctx2.upgrade()
+                    .unwrap()
+                    .set_fd_handler(fd, None, None)
+                    .unwrap();
+            }
+        }),
+        None,
+    )
+    .unwrap();
+    drain(&ctx);
+    drop(w);
+    assert!(ctx.poll(true));
+    assert!(eof.load(Ordering::SeqCst));
+    assert!(ctx.registered_fds().is_empty());
+    assert!(!ctx.poll(false));
+}
+
+/// The same with a pipe whose write end closes: poll(2) and epoll report a bare hang-up
+/// (POLLHUP without POLLIN), which still runs the read handler. Unix only: pipes.
+#[cfg(unix)]
+#[test]
+fn pipe_hangup_runs_read_handler() {
+    use std::os::fd::AsRawFd;
+    let _w = watchdog("pipe_hangup_runs_read_handler");
+    let ctx = ctx();
+    let (r, w) = common::pipe();
     let fd = r.as_raw_fd();
     let eof = Arc::new(AtomicBool::new(false));
     let e = eof.clone();
@@ -308,9 +350,8 @@ fn hangup_runs_read_handler() {
         fd,
         handler(move || {
             let mut b = [0u8; 16];
-            if read_fd(fd, &mut b).unwrap() == 0 {
+            if common::read_fd(fd, &mut b).unwrap() == 0 {
                 e.store(true, Ordering::SeqCst);
-                // Stop watching a descriptor at EOF, from inside its own handler.
                 ctx2.upgrade()
                     .unwrap()
                     .set_fd_handler(fd, None, None)
@@ -333,27 +374,27 @@ fn hangup_runs_read_handler() {
 fn replace_handler() {
     let _w = watchdog("replace_handler");
     let ctx = ctx();
-    let (mut a, mut b) = socketpair();
+    let (mut a, mut b) = tcp_pair();
     let (r1, w1, r2) = (Counter::new(), Counter::new(), Counter::new());
-    ctx.set_fd_handler(a.as_raw_fd(), r1.handler(), w1.handler())
+    ctx.set_fd_handler(a.raw(), r1.handler(), w1.handler())
         .unwrap();
-    std::io::Write::write_all(&mut b, b"data").unwrap();
+    write_now(&mut b, b"data");
+    await_readable(&a);
     assert!(ctx.poll(false));
     assert_eq!((r1.get(), w1.get()), (1, 1));
 
     // Replace with a read handler only: the write handler goes too.
-    ctx.set_fd_handler(a.as_raw_fd(), r2.handler(), None)
-        .unwrap();
+    ctx.set_fd_handler(a.raw(), r2.handler(), None).unwrap();
     assert!(ctx.poll(false));
     assert_eq!((r1.get(), w1.get(), r2.get()), (1, 1, 1));
-    assert_eq!(ctx.registered_fds(), vec![a.as_raw_fd()]);
+    assert_eq!(ctx.registered_fds(), vec![a.raw()]);
 
-    drain_socket(&mut a);
+    assert_eq!(read_available(&mut a), (b"data".to_vec(), false));
     assert!(!ctx.poll(false));
     assert_eq!(r2.get(), 1);
-    ctx.set_fd_handler(a.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(a.raw(), None, None).unwrap();
     // Removing an fd that has no handlers is a no-op.
-    ctx.set_fd_handler(a.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(a.raw(), None, None).unwrap();
     assert!(ctx.registered_fds().is_empty());
 }
 
@@ -581,7 +622,7 @@ fn remove_from_other_thread() {
 fn nested_poll_in_handler_does_not_reenter() {
     let _w = watchdog("nested_poll_in_handler_does_not_reenter");
     let ctx = ctx();
-    let (r, w) = pipe();
+    let (r, mut w) = tcp_pair();
     let depth = Arc::new(AtomicUsize::new(0));
     let max_depth = Arc::new(AtomicUsize::new(0));
     let n = Counter::new();
@@ -595,7 +636,7 @@ fn nested_poll_in_handler_does_not_reenter() {
             nested_results.clone(),
         );
         ctx.set_fd_handler(
-            r.as_raw_fd(),
+            r.raw(),
             handler(move || {
                 let d = depth.fetch_add(1, Ordering::SeqCst) + 1;
                 max_depth.fetch_max(d, Ordering::SeqCst);
@@ -610,7 +651,8 @@ fn nested_poll_in_handler_does_not_reenter() {
         .unwrap();
     }
     drain(&ctx);
-    write_fd(w.as_raw_fd(), b"z").unwrap();
+    write_now(&mut w, b"z");
+    await_readable(&r);
     for i in 1..=5 {
         assert!(ctx.poll(false));
         assert_eq!(n.get(), i);
@@ -620,16 +662,19 @@ fn nested_poll_in_handler_does_not_reenter() {
         nested_results.lock().unwrap().iter().all(|r| !r),
         "the nested polls had nothing else to run"
     );
-    ctx.set_fd_handler(r.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(r.raw(), None, None).unwrap();
 }
 
 /// With the poll(2) back end any descriptor can be watched, including ones epoll refuses;
-/// epoll reports the kernel's refusal as an error instead.
+/// epoll reports the kernel's refusal as an error instead. Linux only (/proc, epoll); the
+/// Windows counterpart is `file_handles_are_refused_on_windows`.
+#[cfg(target_os = "linux")]
 #[test]
 fn regular_files_per_backend() {
+    use std::os::fd::AsRawFd;
     let _w = watchdog("regular_files_per_backend");
     let f = std::fs::File::open("/proc/self/status").unwrap();
-    for ctx in common::both_backends() {
+    for ctx in common::every_backend() {
         let n = Counter::new();
         let res = ctx.set_fd_handler(f.as_raw_fd(), n.handler(), None);
         match ctx.backend() {
@@ -651,11 +696,40 @@ fn regular_files_per_backend() {
     }
 }
 
-/// Many descriptors at once: exactly the ready ones run, on both back ends.
+/// Windows watches only sockets: a file handle passed as a descriptor is refused with the
+/// failing call named, nothing stays registered, and the context keeps working.
+#[cfg(windows)]
+#[test]
+fn file_handles_are_refused_on_windows() {
+    use std::os::windows::io::AsRawHandle;
+    let _w = watchdog("file_handles_are_refused_on_windows");
+    let f = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
+    let not_a_socket = f.as_raw_handle() as usize as aioctx::RawFd;
+    for ctx in common::every_backend() {
+        let n = Counter::new();
+        let err = ctx
+            .set_fd_handler(not_a_socket, n.handler(), None)
+            .expect_err("Windows accepts no file handle");
+        // Windows says WSAENOTSOCK, Wine WSAEOPNOTSUPP: only the call's name is certain.
+        assert!(err.to_string().contains("WSAEventSelect"), "{err}");
+        assert!(ctx.registered_fds().is_empty());
+        assert!(!ctx.poll(false));
+        // Removing it is the no-op it is for any descriptor without handlers.
+        ctx.set_fd_handler(not_a_socket, None, None).unwrap();
+        // A socket still works.
+        let (a, mut b) = tcp_pair();
+        ctx.set_fd_handler(a.raw(), n.handler(), None).unwrap();
+        write_now(&mut b, b"x");
+        common::poll_until(&ctx, || n.get() == 1);
+        ctx.set_fd_handler(a.raw(), None, None).unwrap();
+    }
+}
+
+/// Many descriptors at once: exactly the ready ones run, on every back end.
 #[test]
 fn many_fds_only_ready_ones_run() {
     let _w = watchdog("many_fds_only_ready_ones_run");
-    for ctx in common::both_backends() {
+    for ctx in common::every_backend() {
         const N: usize = 300;
         let notifiers: Vec<Arc<EventNotifier>> = (0..N)
             .map(|_| Arc::new(EventNotifier::new().unwrap()))

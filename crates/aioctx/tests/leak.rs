@@ -4,8 +4,8 @@
 //! owns its own Timer. No callback runs after the drop, and handles that outlive the context are
 //! harmless.
 //!
-//! A counting global allocator checks that the heap returns to its baseline and /proc/self/fd
-//! that no descriptor leaks. This binary holds a single #[test], and the allocator counts only
+//! A counting global allocator checks that the heap returns to its baseline, and the process's
+//! descriptor count (/proc/self/fd; on Windows its kernel handle count) that none leaks. This binary holds a single #[test], and the allocator counts only
 //! the test's own thread (the scenario spawns no thread), so the watchdog's and the harness's
 //! threads, which start and allocate at unpredictable times, cannot disturb the count.
 
@@ -13,13 +13,13 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use aioctx::{clock_get_ns, AioContext, Bh, ClockType, EventNotifier, Timer, SCALE_MS, SCALE_NS};
-use common::{handler, pipe, self_bh, self_timer, watchdog};
+use common::net::{tcp_pair, AsRaw};
+use common::{handler, self_bh, self_timer, watchdog};
 
 struct Counting;
 
@@ -141,10 +141,11 @@ fn scenario(probe: &Probe) -> Survivors {
     common::quiet_intentional_panics();
     let ctx = AioContext::new().unwrap();
     let e = Arc::new(EventNotifier::new().unwrap());
-    let (r, w) = pipe();
-    let (sa, _sb) = common::socketpair();
+    let (r, w) = tcp_pair();
+    let (sa, _sb) = tcp_pair();
 
-    // Handlers: a ready notifier, a pipe with read + write handlers, a socket.
+    // Handlers: a ready notifier, a socket pair's ends with a read and a write handler, a socket
+    // with both.
     let (p, g, e2) = (probe.clone(), probe.guard(), e.clone());
     ctx.set_event_notifier(
         &e,
@@ -155,11 +156,11 @@ fn scenario(probe: &Probe) -> Survivors {
         }),
     )
     .unwrap();
-    ctx.set_fd_handler(r.as_raw_fd(), handler(probe.cb()), None)
+    ctx.set_fd_handler(r.raw(), handler(probe.cb()), None)
         .unwrap();
-    ctx.set_fd_handler(w.as_raw_fd(), None, handler(probe.cb()))
+    ctx.set_fd_handler(w.raw(), None, handler(probe.cb()))
         .unwrap();
-    ctx.set_fd_handler(sa.as_raw_fd(), handler(probe.cb()), handler(probe.cb()))
+    ctx.set_fd_handler(sa.raw(), handler(probe.cb()), handler(probe.cb()))
         .unwrap();
 
     // Timers: far in the future, expired, on the (stopped) virtual clock, and one owning itself.
@@ -281,7 +282,7 @@ fn dropping_the_context_frees_everything() {
         drop(scenario(&probe));
     }
 
-    let fds_before = common::open_fds();
+    let fds_before = common::open_descriptors();
     let (bytes_before, blocks_before) = live();
     for _ in 0..3 {
         let probe = Probe::new();
@@ -300,7 +301,7 @@ fn dropping_the_context_frees_everything() {
         assert_eq!(probe.ran_after_drop.load(Ordering::SeqCst), 0);
     }
     let (bytes_after, blocks_after) = live();
-    assert_eq!(common::open_fds(), fds_before, "descriptors leaked");
+    assert_eq!(common::open_descriptors(), fds_before, "descriptors leaked");
     assert_eq!(
         (bytes_after - bytes_before, blocks_after - blocks_before),
         (0, 0),

@@ -1,26 +1,26 @@
-//! Event notifiers (QEMU's EventNotifier): set/test_and_clear semantics, the descriptor, and
+//! Event notifiers (QEMU's EventNotifier): set/test_and_clear semantics, the kernel object, and
 //! setting from other threads waking a context.
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use aioctx::EventNotifier;
-use common::{ctx, drain, handler, is_readable, watchdog, Counter};
+use common::net::notifier_raw;
+use common::{ctx, drain, handler, notifier_is_set, watchdog, Counter};
 
 #[test]
 fn set_and_test_and_clear() {
     let _w = watchdog("set_and_test_and_clear");
     let n = EventNotifier::new().unwrap();
-    assert!(!is_readable(&n), "a new notifier is clear");
+    assert!(!notifier_is_set(&n), "a new notifier is clear");
     assert!(!n.test_and_clear());
     n.set().unwrap();
-    assert!(is_readable(&n));
+    assert!(notifier_is_set(&n));
     n.set().unwrap();
     n.set().unwrap();
     assert!(n.test_and_clear(), "set is level, not counted");
-    assert!(!is_readable(&n));
+    assert!(!notifier_is_set(&n));
     assert!(!n.test_and_clear());
 }
 
@@ -29,13 +29,13 @@ fn notifiers_are_independent() {
     let _w = watchdog("notifiers_are_independent");
     let a = EventNotifier::new().unwrap();
     let b = EventNotifier::new().unwrap();
-    assert_ne!(a.as_raw_fd(), b.as_raw_fd());
+    assert_ne!(notifier_raw(&a), notifier_raw(&b));
     a.set().unwrap();
     assert!(!b.test_and_clear());
     assert!(a.test_and_clear());
 }
 
-/// The descriptor is non-blocking: test_and_clear on a clear notifier returns at once, and a
+/// The notifier never blocks: test_and_clear on a clear notifier returns at once, and a
 /// very large number of sets never blocks the setter.
 #[test]
 fn never_blocks() {

@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 
 use aioctx::{clock_get_ns, virtual_clock, AioContext, ClockType, SCALE_MS, SCALE_NS, SCALE_US};
-use common::{
-    ctx, drain, handler, pipe, poll_until, self_timer, wait_clock_past, watchdog, Counter,
-};
+use common::net::{tcp_pair, AsRaw};
+use common::{ctx, drain, handler, poll_until, self_timer, wait_clock_past, watchdog, Counter};
 
 /// Serialises the tests that drive the process-global virtual clock.
 static VIRTUAL_CLOCK: Mutex<()> = Mutex::new(());
@@ -29,9 +27,8 @@ fn timer_schedule() {
     let _w = watchdog("timer_schedule");
     let ctx = ctx();
     const NS: i64 = 100 * SCALE_MS;
-    let (r, _w_end) = pipe();
-    ctx.set_fd_handler(r.as_raw_fd(), handler(|| {}), None)
-        .unwrap();
+    let (r, _w_end) = tcp_pair();
+    ctx.set_fd_handler(r.raw(), handler(|| {}), None).unwrap();
     ctx.poll(false);
 
     let n = Counter::new();
@@ -79,7 +76,7 @@ fn timer_schedule() {
 
     assert!(!ctx.poll(false));
     assert_eq!(n.get(), 2);
-    ctx.set_fd_handler(r.as_raw_fd(), None, None).unwrap();
+    ctx.set_fd_handler(r.raw(), None, None).unwrap();
     timer.lock().unwrap().take();
 }
 
@@ -90,11 +87,10 @@ fn timer_schedule() {
 fn blocking_poll_is_never_early() {
     let _w = watchdog("blocking_poll_is_never_early");
     let ctx = ctx();
-    let (r, _w_end) = pipe();
+    let (r, _w_end) = tcp_pair();
     for with_fd in [false, true] {
         if with_fd {
-            ctx.set_fd_handler(r.as_raw_fd(), handler(|| {}), None)
-                .unwrap();
+            ctx.set_fd_handler(r.raw(), handler(|| {}), None).unwrap();
         }
         let cases: &[(i64, i64)] = &[
             (SCALE_NS, 1),
@@ -130,7 +126,7 @@ fn blocking_poll_is_never_early() {
             );
             assert!(!t.pending());
         }
-        ctx.set_fd_handler(r.as_raw_fd(), None, None).unwrap();
+        ctx.set_fd_handler(r.raw(), None, None).unwrap();
     }
 }
 

@@ -5,8 +5,7 @@
 
 pub mod net;
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -55,11 +54,12 @@ pub fn ctx() -> AioContext {
     AioContext::new().expect("AioContext::new")
 }
 
-/// One context per back end, for the few tests that check both explicitly.
-pub fn both_backends() -> Vec<AioContext> {
-    [Backend::Epoll, Backend::Poll]
-        .into_iter()
-        .map(|b| {
+/// One context per back end this platform has (epoll and poll on Unix, the one back end on
+/// Windows), for the tests that check each explicitly.
+pub fn every_backend() -> Vec<AioContext> {
+    Backend::available()
+        .iter()
+        .map(|&b| {
             AioContext::builder()
                 .backend(b)
                 .build()
@@ -159,29 +159,27 @@ pub fn self_timer(
     slot
 }
 
-/// A non-blocking, close-on-exec pipe: (read end, write end).
-pub fn pipe() -> (OwnedFd, OwnedFd) {
+/// A non-blocking, close-on-exec pipe: (read end, write end). Unix only: the portable byte
+/// stream is [`net::tcp_pair`]; this is for the tests about pipes themselves.
+#[cfg(unix)]
+pub fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
     assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
     // SAFETY: pipe2 returned two fresh descriptors that nobody else owns.
-    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
-}
-
-/// Writes `data` to a raw descriptor; returns the bytes written (or the error).
-pub fn write_fd(fd: RawFd, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: `data` is a valid readable buffer of `data.len()` bytes.
-    let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
     }
 }
 
-/// Reads into `buf` from a raw descriptor; returns the bytes read (or the error).
-pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+/// Reads into `buf` from a raw descriptor (Unix); returns the bytes read (or the error).
+#[cfg(unix)]
+pub fn read_fd(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
@@ -191,67 +189,51 @@ pub fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Reads everything currently in a non-blocking descriptor; returns the byte count.
-pub fn drain_fd(fd: RawFd) -> usize {
-    let mut buf = [0u8; 4096];
-    let mut total = 0;
-    loop {
-        match read_fd(fd, &mut buf) {
-            Ok(0) => return total,
-            Ok(n) => total += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
-            Err(e) => panic!("read: {e}"),
+/// Whether an event notifier is set right now, without clearing it: its eventfd is readable
+/// (Unix), its event object is signalled (Windows).
+pub fn notifier_is_set(n: &aioctx::EventNotifier) -> bool {
+    #[cfg(unix)]
+    {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(n),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: `p` is one valid pollfd; a zero timeout never blocks.
+            let r = unsafe { libc::poll(&mut p, 1, 0) };
+            if r >= 0 {
+                return r == 1 && p.revents & libc::POLLIN != 0;
+            }
+            let err = io::Error::last_os_error();
+            assert_eq!(err.kind(), io::ErrorKind::Interrupted, "poll: {err}");
+        }
+    }
+    #[cfg(windows)]
+    {
+        use windows_sys::Win32::Foundation::{WAIT_OBJECT_0, WAIT_TIMEOUT};
+        use windows_sys::Win32::System::Threading::WaitForSingleObject;
+        let h = std::os::windows::io::AsRawHandle::as_raw_handle(n);
+        // SAFETY: `h` is the notifier's live event object; a zero timeout never blocks, and a
+        // wait does not reset a manual-reset event.
+        match unsafe { WaitForSingleObject(h, 0) } {
+            WAIT_OBJECT_0 => true,
+            WAIT_TIMEOUT => false,
+            r => panic!(
+                "WaitForSingleObject: {r:#x}: {}",
+                io::Error::last_os_error()
+            ),
         }
     }
 }
 
-/// A connected pair of non-blocking Unix stream sockets.
-pub fn socketpair() -> (
-    std::os::unix::net::UnixStream,
-    std::os::unix::net::UnixStream,
-) {
-    let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-    a.set_nonblocking(true).unwrap();
-    b.set_nonblocking(true).unwrap();
-    (a, b)
-}
-
-/// Fills a non-blocking socket's send buffer until it would block; returns the bytes written.
-pub fn fill_socket(s: &mut std::os::unix::net::UnixStream) -> usize {
-    let chunk = [0x5au8; 65536];
-    let mut total = 0;
-    loop {
-        match s.write(&chunk) {
-            Ok(n) => total += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
-            Err(e) => panic!("write: {e}"),
-        }
-    }
-}
-
-/// Reads a non-blocking socket until it would block; returns the bytes read.
-pub fn drain_socket(s: &mut std::os::unix::net::UnixStream) -> usize {
-    let mut buf = [0u8; 65536];
-    let mut total = 0;
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return total,
-            Ok(n) => total += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-}
-
-/// Whether `fd` is readable right now (a zero-timeout poll(2)).
-pub fn is_readable(fd: &impl AsRawFd) -> bool {
-    wait_readable(fd, 0)
-}
-
-/// Waits up to `timeout_ms` (-1: forever) for `fd` to become readable.
-pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> bool {
+/// Whether the context's outer-loop descriptor (its `AsRawFd`) becomes readable within
+/// `timeout_ms` (-1: forever; 0: just look). Unix only: on Windows a context has no such
+/// descriptor (see `AioContext::prepare`).
+#[cfg(unix)]
+pub fn outer_fd_readable(ctx: &AioContext, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
+        fd: std::os::fd::AsRawFd::as_raw_fd(ctx),
         events: libc::POLLIN,
         revents: 0,
     };
@@ -266,11 +248,28 @@ pub fn wait_readable(fd: &impl AsRawFd, timeout_ms: i32) -> bool {
     }
 }
 
-/// The number of open descriptors of this process.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
+/// How many descriptors (Linux: entries of /proc/self/fd) or kernel handles (Windows:
+/// `GetProcessHandleCount`) this process has open, to check that none leaks.
+pub fn open_descriptors() -> usize {
+    #[cfg(unix)]
+    {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .count()
+    }
+    #[cfg(windows)]
+    {
+        use windows_sys::Win32::System::Threading::{GetCurrentProcess, GetProcessHandleCount};
+        let mut n = 0u32;
+        // SAFETY: the pseudo handle of the current process needs no closing; `n` is writable.
+        let ok = unsafe { GetProcessHandleCount(GetCurrentProcess(), &mut n) };
+        assert!(
+            ok != 0,
+            "GetProcessHandleCount: {}",
+            io::Error::last_os_error()
+        );
+        n as usize
+    }
 }
 
 /// Waits (without busy-burning the CPU) until the clock has passed `ns`. This is not

@@ -73,6 +73,64 @@ pub fn write_now(s: &mut TcpStream, data: &[u8]) {
     s.write_all(data).expect("write to a socket with room");
 }
 
+/// Fills a non-blocking socket's send buffer (and its peer's receive buffer) until a write would
+/// block; returns the bytes written.
+pub fn fill_socket(s: &mut TcpStream) -> usize {
+    let chunk = [0x5au8; 65536];
+    let mut total = 0;
+    loop {
+        match s.write(&chunk) {
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return total,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+}
+
+/// Waits up to `timeout` for `s` to be readable (data, end-of-file or an error), looking with
+/// poll(2) or `WSAPoll` (which does not disturb a socket registered with a context). A test uses
+/// it after writing to a peer, so that its next non-blocking poll of the context does not depend
+/// on how fast the loopback delivers.
+pub fn wait_readable(s: &impl AsRaw, timeout: std::time::Duration) -> bool {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    #[cfg(unix)]
+    {
+        let mut p = libc::pollfd {
+            fd: s.raw(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        assert!(n >= 0, "poll: {}", io::Error::last_os_error());
+        n == 1
+    }
+    #[cfg(windows)]
+    {
+        use windows_sys::Win32::Networking::WinSock::{
+            WSAPoll, POLLRDNORM, SOCKET_ERROR, WSAPOLLFD,
+        };
+        let mut p = WSAPOLLFD {
+            fd: s.raw() as usize,
+            events: POLLRDNORM,
+            revents: 0,
+        };
+        // SAFETY: `p` is one valid WSAPOLLFD.
+        let n = unsafe { WSAPoll(&mut p, 1, ms) };
+        assert!(n != SOCKET_ERROR, "WSAPoll: {}", io::Error::last_os_error());
+        n == 1
+    }
+}
+
+/// [`wait_readable`], bounded by [`LIMIT`]; panics if `s` does not become readable.
+pub fn await_readable(s: &impl AsRaw) {
+    assert!(
+        wait_readable(s, LIMIT),
+        "socket still not readable after {LIMIT:?}"
+    );
+}
+
 /// How long a test may wait for a condition before it fails.
 pub const LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 
