@@ -33,14 +33,29 @@ fn notify_wakes_next_poll_and_is_not_progress() {
         ctx.notify();
     }
     assert!(!ctx.poll(true));
-    // Nothing stale is left: the next blocking poll waits for the timer and runs it.
+    // Nothing stale is left: arming the earliest timer notifies (a wake-up, no progress), then
+    // the next blocking poll waits for the timer and runs it. A thread descheduled past the
+    // deadline before its first poll finds the timer expired instead and arms it again; a
+    // missing notify would fail every attempt the same way.
     let n = Counter::new();
     let t = ctx.timer_new(ClockType::Realtime, SCALE_NS, n.cb());
-    let deadline = clock_get_ns(ClockType::Realtime) + 2 * SCALE_MS;
-    t.modify(deadline);
-    assert!(!ctx.poll(true), "arming the earliest timer notified");
+    let mut late = 0;
+    let deadline = loop {
+        let deadline = clock_get_ns(ClockType::Realtime) + 2 * SCALE_MS;
+        t.modify(deadline);
+        if !ctx.poll(true) {
+            break deadline;
+        }
+        assert!(clock_get_ns(ClockType::Realtime) >= deadline, "ran early");
+        late += 1;
+        assert!(
+            late < 10,
+            "arming the earliest timer did not notify (or this thread was descheduled for \
+             2 ms before each of {late} polls)"
+        );
+    };
     assert!(ctx.poll(true), "a stale wake-up was left behind");
-    assert_eq!(n.get(), 1);
+    assert_eq!(n.get(), late + 1);
     assert!(clock_get_ns(ClockType::Realtime) >= deadline);
 }
 
@@ -169,6 +184,40 @@ fn blocking_poll_does_not_block_with_work_pending() {
     ctx.set_fd_handler(r.raw(), None, None).unwrap();
 }
 
+/// Arms `t` 3 ms ahead, then does an outer loop's prepare (with pending and dispatch while it
+/// says not to block) and asks compute_timeout how long to wait, which must be the time left to
+/// the deadline, measured around the call. Returns the deadline, that timeout, and how many times
+/// the timer ran early in the prepare loop's dispatch: only a thread descheduled past the
+/// deadline sees that (and arms it again), so every run is checked to be after the deadline.
+fn arm_before_outer_wait(ctx: &AioContext, t: &aioctx::Timer) -> (i64, i64, usize) {
+    let mut late = 0;
+    loop {
+        let deadline = clock_get_ns(ClockType::Realtime) + 3 * SCALE_MS;
+        t.modify(deadline);
+        while ctx.prepare() {
+            ctx.pending();
+            ctx.dispatch();
+        }
+        let before = clock_get_ns(ClockType::Realtime);
+        let timeout = ctx.compute_timeout();
+        let after = clock_get_ns(ClockType::Realtime);
+        if t.pending() {
+            assert!(
+                timeout >= (deadline - after).max(0) && timeout <= (deadline - before).max(0),
+                "compute_timeout said {timeout} ns with {} to {} ns left",
+                deadline - after,
+                deadline - before
+            );
+            assert!(timeout <= 3 * SCALE_MS);
+            return (deadline, timeout, late);
+        }
+        // The prepare loop's dispatch ran the timer.
+        assert!(before >= deadline, "the timer ran before its deadline");
+        late += 1;
+        assert!(late < 10, "descheduled past a 3 ms deadline {late} times");
+    }
+}
+
 /// The outer-loop protocol (QEMU's GSource prepare/check/dispatch): prepare says whether work is
 /// ready; otherwise the context's descriptor becomes readable when a BH is scheduled, a handler's
 /// fd is ready or the context is notified; pending and dispatch then find and run the work.
@@ -249,20 +298,13 @@ fn prepare_pending_dispatch() {
 
     // A timer: prepare does not block past it, compute_timeout bounds the wait.
     let t = ctx.timer_new(ClockType::Realtime, SCALE_NS, n.cb());
-    let deadline = clock_get_ns(ClockType::Realtime) + 3 * SCALE_MS;
-    t.modify(deadline);
-    while ctx.prepare() {
-        ctx.pending();
-        ctx.dispatch();
-    }
-    let timeout = ctx.compute_timeout();
-    assert!(timeout > 0 && timeout <= 3 * SCALE_MS);
+    let (deadline, timeout, late) = arm_before_outer_wait(&ctx, &t);
     let ms = ((timeout + SCALE_MS - 1) / SCALE_MS) as i32;
     outer_fd_readable(&ctx, ms);
     common::wait_clock_past(ClockType::Realtime, deadline);
     assert!(ctx.pending(), "an expired timer is pending work");
     assert!(ctx.dispatch());
-    assert_eq!(n.get(), 22);
+    assert_eq!(n.get(), 22 + late);
     ctx.set_event_notifier(&e, None).unwrap();
 }
 
@@ -332,18 +374,11 @@ fn prepare_pending_dispatch_without_descriptor() {
 
     // A timer: compute_timeout bounds the wait; once it has passed, the timer is pending work.
     let t = ctx.timer_new(ClockType::Realtime, SCALE_NS, n.cb());
-    let deadline = clock_get_ns(ClockType::Realtime) + 3 * SCALE_MS;
-    t.modify(deadline);
-    while ctx.prepare() {
-        ctx.pending();
-        ctx.dispatch();
-    }
-    let timeout = ctx.compute_timeout();
-    assert!(timeout > 0 && timeout <= 3 * SCALE_MS);
+    let (deadline, _timeout, late) = arm_before_outer_wait(&ctx, &t);
     common::wait_clock_past(ClockType::Realtime, deadline);
     assert!(ctx.pending(), "an expired timer is pending work");
     assert!(ctx.dispatch());
-    assert_eq!(n.get(), 22);
+    assert_eq!(n.get(), 22 + late);
     ctx.set_event_notifier(&e, None).unwrap();
 }
 
