@@ -28,15 +28,6 @@ pub(crate) struct TimerNode {
     cb: CallbackCell,
 }
 
-#[cfg(test)]
-impl TimerNode {
-    fn key(&self) -> (i64, u64) {
-        (
-            self.expire.load(Ordering::Relaxed),
-            self.seq.load(Ordering::Relaxed),
-        )
-    }
-}
 
 impl Release for TimerNode {
     fn release(&self) -> Option<Handler> {
