@@ -28,7 +28,6 @@ pub(crate) struct TimerNode {
     cb: CallbackCell,
 }
 
-
 impl Release for TimerNode {
     fn release(&self) -> Option<Handler> {
         self.cb.release()
