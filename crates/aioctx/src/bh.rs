@@ -197,13 +197,13 @@ pub(crate) fn run_one(core: &Core, node: Arc<BhNode>) -> bool {
     if old & (SCHEDULED | DELETED) != SCHEDULED {
         return false;
     }
-    match node.cb.call() {
-        Call::Ran => {
-            if old & ONESHOT != 0 {
-                drop(node.cb.release());
-            }
-            old & IDLE == 0
-        }
+    // Deleted after the flags were read: `Bh::drop` synchronises with this check.
+    match node
+        .cb
+        .call_unless(|| node.flags.load(Ordering::Acquire) & DELETED != 0)
+    {
+        // A one-shot BH is owned by the queue alone: dropping `node` below frees it.
+        Call::Ran => old & IDLE == 0,
         Call::Busy => {
             // It is running further up the stack (a nested poll): run it after that returns.
             core.bhs
@@ -294,6 +294,10 @@ impl Bh {
 
     /// Deletes the BH (QEMU's `qemu_bh_delete`): it never runs again, and its callback is freed
     /// once it is not running. The same as dropping the handle.
+    ///
+    /// From a thread other than the one running the loop, this waits for a callback that is
+    /// running at that moment to return (so do not hold a lock that callback takes). From inside
+    /// the BH's own callback it returns at once.
     pub fn delete(self) {
         drop(self)
     }
@@ -307,6 +311,9 @@ impl Bh {
 impl Drop for Bh {
     fn drop(&mut self) {
         self.node.flags.fetch_or(DELETED, Ordering::AcqRel);
+        // If the loop is running the callback on another thread, wait for it: once `delete`
+        // returns, the callback is neither running nor ever called again.
+        self.node.cb.quiesce();
         self.core.bh_registry.remove(self.key);
     }
 }
@@ -338,7 +345,7 @@ impl Core {
             return;
         }
         if self.bhs.enqueue(node, update).is_some() {
-            self.notify();
+            self.notify_changed();
         }
     }
 }

@@ -6,7 +6,11 @@
 //! blocks on that mutex. The lock is parking_lot's, which does not poison: a callback that panics
 //! leaves the cell usable.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use parking_lot::Mutex;
+
+use crate::lock::thread_token;
 
 /// A user callback in its boxed form.
 pub type Handler = Box<dyn FnMut() + Send + 'static>;
@@ -22,31 +26,63 @@ pub(crate) enum Call {
     Gone,
 }
 
-pub(crate) struct CallbackCell(Mutex<Option<Handler>>);
+pub(crate) struct CallbackCell {
+    slot: Mutex<Option<Handler>>,
+    /// The thread running the callback (a `lock::thread_token`), 0 when it is not running.
+    runner: AtomicUsize,
+}
 
 impl CallbackCell {
     pub(crate) fn new(cb: Handler) -> CallbackCell {
-        CallbackCell(Mutex::new(Some(cb)))
+        CallbackCell {
+            slot: Mutex::new(Some(cb)),
+            runner: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs the callback unless it is running already, gone, or `cancelled()` says so once the
+    /// cell is locked. Whoever cancels sets its flag and then calls [`quiesce`](Self::quiesce):
+    /// either that waits for this call, or this call sees the flag.
+    pub(crate) fn call_unless(&self, cancelled: impl FnOnce() -> bool) -> Call {
+        let Some(mut slot) = self.slot.try_lock() else {
+            return Call::Busy;
+        };
+        if cancelled() {
+            return Call::Gone;
+        }
+        let Some(cb) = slot.as_mut() else {
+            return Call::Gone;
+        };
+        self.runner.store(thread_token(), Ordering::Relaxed);
+        // Cleared even if the callback panics.
+        struct Running<'a>(&'a AtomicUsize);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(0, Ordering::Relaxed);
+            }
+        }
+        let _running = Running(&self.runner);
+        cb();
+        Call::Ran
     }
 
     /// Runs the callback unless it is running already or gone.
     pub(crate) fn call(&self) -> Call {
-        let Some(mut slot) = self.0.try_lock() else {
-            return Call::Busy;
-        };
-        match slot.as_mut() {
-            Some(cb) => {
-                cb();
-                Call::Ran
-            }
-            None => Call::Gone,
+        self.call_unless(|| false)
+    }
+
+    /// Returns once no other thread is running the callback. Returns at once on the thread that
+    /// is running it (a callback deleting itself, or a nested poll's callback deleting it).
+    pub(crate) fn quiesce(&self) {
+        if self.runner.load(Ordering::Relaxed) != thread_token() {
+            drop(self.slot.lock());
         }
     }
 
     /// Takes the callback out so the caller can drop it outside its own locks. Returns `None` if
     /// it is running (whoever runs it keeps the cell alive and frees it later) or already gone.
     pub(crate) fn release(&self) -> Option<Handler> {
-        self.0.try_lock().and_then(|mut slot| slot.take())
+        self.slot.try_lock().and_then(|mut slot| slot.take())
     }
 }
 

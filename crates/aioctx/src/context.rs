@@ -37,7 +37,7 @@ use crate::bh::{self, Bh, BhNode, BhQueue, BhWork};
 use crate::callback::{self, Handler};
 use crate::clock::{self, ClockType};
 use crate::handlers::{Handlers, NOTIFY_TOKEN};
-use crate::lock::{thread_token, RFifoGuard, RFifoLock};
+use crate::lock::{thread_token, OwnerOnly, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::registry::Registry;
 use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier, SourceKind};
@@ -60,6 +60,9 @@ pub(crate) struct Core {
     kicked: AtomicBool,
     event: RawNotifier,
     closed: AtomicBool,
+    /// The context lock (QEMU's `RFifoLock`). It lives here so that BHs and timers can tell
+    /// whether they are armed from the thread that owns the loop.
+    pub(crate) lock: RFifoLock,
     /// Kept alive here so the virtual clock can wake this context (it holds a weak reference).
     virtual_waker: OnceLock<Arc<dyn Fn() + Send + Sync>>,
 }
@@ -78,6 +81,16 @@ impl Core {
             // Failing to write an eventfd means the descriptor is gone, which cannot happen
             // while `self` is alive; there is nobody to report it to.
             let _ = self.event.set();
+        }
+    }
+
+    /// Wakes the loop after this thread changed what it waits for (a BH scheduled, a timer
+    /// armed, a handler set), unless this thread owns the loop: then no poll can be sleeping on
+    /// the old state, and the next one recomputes its timeout anyway. QEMU notifies
+    /// unconditionally, which makes the owner's next blocking poll return at once, empty-handed.
+    pub(crate) fn notify_changed(&self) {
+        if !self.lock.is_owner() {
+            self.notify();
         }
     }
 
@@ -110,11 +123,10 @@ pub(crate) struct Inner {
     pub(crate) core: Arc<Core>,
     pub(crate) poller: Box<dyn Poller>,
     backend: Backend,
-    lock: RFifoLock,
     handlers: Handlers,
     /// BHs taken off the queue and not yet run: the current poll's slice, plus the remaining
     /// slices of polls further up the stack, which a nested poll runs first.
-    run_queue: Mutex<VecDeque<Arc<BhNode>>>,
+    run_queue: OwnerOnly<VecDeque<Arc<BhNode>>>,
     /// The thread that polled last (a `lock::thread_token`, 0 before the first poll): QEMU's
     /// home thread, for `AioCb::cancel`.
     home: AtomicUsize,
@@ -277,6 +289,7 @@ impl Builder {
             kicked: AtomicBool::new(false),
             event,
             closed: AtomicBool::new(false),
+            lock: RFifoLock::new(),
             virtual_waker: OnceLock::new(),
         });
         Ok(AioContext {
@@ -284,9 +297,8 @@ impl Builder {
                 core,
                 poller,
                 backend,
-                lock: RFifoLock::new(),
                 handlers: Handlers::new(),
-                run_queue: Mutex::new(VecDeque::new()),
+                run_queue: OwnerOnly::new(VecDeque::new()),
                 home: AtomicUsize::new(0),
                 wait_epoch: AtomicU64::new(0),
                 stashed: Mutex::new(None),
@@ -347,7 +359,7 @@ impl AioContext {
     /// it waits, the calling thread kicks the holder out of a blocking poll.
     pub fn acquire(&self) -> AioContextGuard<'_> {
         AioContextGuard {
-            _guard: self.inner.lock.lock(|| self.notify()),
+            _guard: self.inner.core.lock.lock(|| self.notify()),
         }
     }
 
@@ -403,7 +415,12 @@ impl AioContext {
             .handlers
             .set(&*self.inner.poller, fd, kind, io_read, io_write)?;
         // A blocked poll must see the new set (the poll(2) back end copies it per wait).
-        self.notify();
+        self.inner.core.notify_changed();
+        // From another thread, a replaced callback may be running right now: wait for it, so
+        // that once this returns the old callbacks are neither running nor ever called again.
+        for cell in &retired {
+            cell.quiesce();
+        }
         drop(retired);
         Ok(())
     }
@@ -567,7 +584,7 @@ impl AioContext {
     /// [`acquire`](Self::acquire)), or it was the last thread to poll the context, or nobody has
     /// polled it yet.
     pub fn in_home_thread(&self) -> bool {
-        if self.inner.lock.is_owner() {
+        if self.inner.core.lock.is_owner() {
             return true;
         }
         let home = self.inner.home.load(Ordering::Relaxed);
@@ -582,11 +599,14 @@ impl AioContext {
 
 impl Inner {
     fn bh_work(&self) -> BhWork {
-        let taken = bh::scan_taken(&self.run_queue.lock());
-        if taken == BhWork::Now {
-            return taken;
+        let queued = self.core.bhs.scan();
+        if queued == BhWork::Now {
+            return queued;
         }
-        taken.max(self.core.bhs.scan())
+        let taken = self
+            .run_queue
+            .with(&self.core.lock, |run| bh::scan_taken(run));
+        queued.max(taken)
     }
 
     /// QEMU's `aio_compute_timeout`. Caller holds the context lock.
@@ -621,14 +641,16 @@ impl Inner {
 
     /// QEMU's `aio_bh_poll`: runs the BHs scheduled before this call. Caller holds the lock.
     fn run_bhs(&self) -> bool {
+        let lock = &self.core.lock;
+        let mut next = self.run_queue.with(lock, |run| {
+            self.core.bhs.take_into(run);
+            run.pop_front()
+        });
         let mut progress = false;
-        let mut run = self.run_queue.lock();
-        self.core.bhs.take_into(&mut run);
-        // The queue is unlocked while each callback runs: a nested poll in it runs the rest.
-        while let Some(node) = run.pop_front() {
-            drop(run);
+        // The queue is not borrowed while a callback runs: a nested poll in it runs the rest.
+        while let Some(node) = next {
             progress |= bh::run_one(&self.core, node);
-            run = self.run_queue.lock();
+            next = self.run_queue.with(lock, VecDeque::pop_front);
         }
         progress
     }
@@ -672,7 +694,7 @@ impl Drop for Inner {
         doomed.extend(core.timer_registry.close());
         let timers = core.timers.clear();
         core.bhs.clear();
-        let queued = std::mem::take(&mut *self.run_queue.lock());
+        let queued = std::mem::take(self.run_queue.get_mut());
         // One-shot BHs are owned by the queue alone.
         doomed.extend(
             queued

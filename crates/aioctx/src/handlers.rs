@@ -37,7 +37,12 @@ impl HandlerCell {
 
     /// Runs the callback unless it was removed or is running further up the stack.
     fn dispatch(&self) -> bool {
-        !self.removed.load(Ordering::Acquire) && self.cb.call() == Call::Ran
+        self.cb.call_unless(|| self.removed.load(Ordering::Acquire)) == Call::Ran
+    }
+
+    /// Waits until a call of this callback running on another thread has returned.
+    pub(crate) fn quiesce(&self) {
+        self.cb.quiesce();
     }
 }
 
