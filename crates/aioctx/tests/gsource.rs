@@ -536,8 +536,9 @@ fn timer_schedule() {
         assert_eq!(data.n(), 1);
         expiry += data.ns;
 
-        // The rearm's notify is seen once, then GLib blocks until the deadline (rounded up to
-        // ms, so never before it): no busy loop and no early wake-up. (A source that may not
+        // At most one pure wake-up (QEMU's rearm notifies; aioctx skips that on the loop's own
+        // thread), then GLib blocks until the deadline (rounded up to ms, so never before it):
+        // no busy loop and no early wake-up. (A source that may not
         // recurse would fail here: GLib blocks it while it dispatches, and unblocking it wakes
         // the main context once more.)
         let mut iterations = Vec::new();
