@@ -202,12 +202,8 @@ pub(crate) fn run_one(core: &Core, node: Arc<BhNode>) -> bool {
         .cb
         .call_unless(|| node.flags.load(Ordering::Acquire) & DELETED != 0)
     {
-        Call::Ran => {
-            if old & ONESHOT != 0 {
-                drop(node.cb.release());
-            }
-            old & IDLE == 0
-        }
+        // A one-shot BH is owned by the queue alone: dropping `node` below frees it.
+        Call::Ran => old & IDLE == 0,
         Call::Busy => {
             // It is running further up the stack (a nested poll): run it after that returns.
             core.bhs

@@ -37,7 +37,7 @@ use crate::bh::{self, Bh, BhNode, BhQueue, BhWork};
 use crate::callback::{self, Handler};
 use crate::clock::{self, ClockType};
 use crate::handlers::{Handlers, NOTIFY_TOKEN};
-use crate::lock::{thread_token, RFifoGuard, RFifoLock};
+use crate::lock::{thread_token, OwnerOnly, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::registry::Registry;
 use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier, SourceKind};
@@ -126,7 +126,7 @@ pub(crate) struct Inner {
     handlers: Handlers,
     /// BHs taken off the queue and not yet run: the current poll's slice, plus the remaining
     /// slices of polls further up the stack, which a nested poll runs first.
-    run_queue: Mutex<VecDeque<Arc<BhNode>>>,
+    run_queue: OwnerOnly<VecDeque<Arc<BhNode>>>,
     /// The thread that polled last (a `lock::thread_token`, 0 before the first poll): QEMU's
     /// home thread, for `AioCb::cancel`.
     home: AtomicUsize,
@@ -298,7 +298,7 @@ impl Builder {
                 poller,
                 backend,
                 handlers: Handlers::new(),
-                run_queue: Mutex::new(VecDeque::new()),
+                run_queue: OwnerOnly::new(VecDeque::new()),
                 home: AtomicUsize::new(0),
                 wait_epoch: AtomicU64::new(0),
                 stashed: Mutex::new(None),
@@ -599,11 +599,14 @@ impl AioContext {
 
 impl Inner {
     fn bh_work(&self) -> BhWork {
-        let taken = bh::scan_taken(&self.run_queue.lock());
-        if taken == BhWork::Now {
-            return taken;
+        let queued = self.core.bhs.scan();
+        if queued == BhWork::Now {
+            return queued;
         }
-        taken.max(self.core.bhs.scan())
+        let taken = self
+            .run_queue
+            .with(&self.core.lock, |run| bh::scan_taken(run));
+        queued.max(taken)
     }
 
     /// QEMU's `aio_compute_timeout`. Caller holds the context lock.
@@ -638,14 +641,16 @@ impl Inner {
 
     /// QEMU's `aio_bh_poll`: runs the BHs scheduled before this call. Caller holds the lock.
     fn run_bhs(&self) -> bool {
+        let lock = &self.core.lock;
+        let mut next = self.run_queue.with(lock, |run| {
+            self.core.bhs.take_into(run);
+            run.pop_front()
+        });
         let mut progress = false;
-        let mut run = self.run_queue.lock();
-        self.core.bhs.take_into(&mut run);
-        // The queue is unlocked while each callback runs: a nested poll in it runs the rest.
-        while let Some(node) = run.pop_front() {
-            drop(run);
+        // The queue is not borrowed while a callback runs: a nested poll in it runs the rest.
+        while let Some(node) = next {
             progress |= bh::run_one(&self.core, node);
-            run = self.run_queue.lock();
+            next = self.run_queue.with(lock, VecDeque::pop_front);
         }
         progress
     }
@@ -689,7 +694,7 @@ impl Drop for Inner {
         doomed.extend(core.timer_registry.close());
         let timers = core.timers.clear();
         core.bhs.clear();
-        let queued = std::mem::take(&mut *self.run_queue.lock());
+        let queued = std::mem::take(self.run_queue.get_mut());
         // One-shot BHs are owned by the queue alone.
         doomed.extend(
             queued

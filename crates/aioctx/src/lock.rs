@@ -70,7 +70,8 @@ impl RFifoLock {
         let me = thread_token();
         if self.owner.load(Ordering::Relaxed) == me {
             // Only the owner can observe its own token here, and only it changes `nesting`.
-            self.nesting.fetch_add(1, Ordering::Relaxed);
+            let n = self.nesting.load(Ordering::Relaxed);
+            self.nesting.store(n + 1, Ordering::Relaxed);
             return RFifoGuard::new(self);
         }
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
@@ -99,7 +100,10 @@ impl RFifoLock {
     }
 
     fn unlock(&self) {
-        if self.nesting.fetch_sub(1, Ordering::Relaxed) != 1 {
+        // Only the owner runs this, and only it writes `nesting`.
+        let n = self.nesting.load(Ordering::Relaxed);
+        self.nesting.store(n - 1, Ordering::Relaxed);
+        if n != 1 {
             return;
         }
         self.owner.store(0, Ordering::Relaxed);
@@ -130,5 +134,55 @@ impl<'a> RFifoGuard<'a> {
 impl Drop for RFifoGuard<'_> {
     fn drop(&mut self) {
         self.lock.unlock();
+    }
+}
+
+/// Data that only the holder of a context lock touches, so it needs no lock of its own.
+///
+/// Invariant: `with` runs only on the thread that owns `lock` (checked), and never inside another
+/// `with` on the same cell (checked), so at most one `&mut T` exists at a time. The closures
+/// passed to it are the crate's own short critical sections, which never run user callbacks:
+/// a nested poll inside a callback therefore sees the data consistent, between two `with`s.
+pub(crate) struct OwnerOnly<T> {
+    value: std::cell::UnsafeCell<T>,
+    in_use: std::sync::atomic::AtomicBool,
+}
+
+// SAFETY: the value is reached only through `with`, by the one thread that owns the context lock,
+// one borrow at a time (see the invariant above); `T: Send` lets it move between the successive
+// owners of the lock, whose hand-over the lock's acquire/release orderings synchronise.
+unsafe impl<T: Send> Sync for OwnerOnly<T> {}
+
+impl<T> OwnerOnly<T> {
+    pub(crate) fn new(value: T) -> OwnerOnly<T> {
+        OwnerOnly {
+            value: std::cell::UnsafeCell::new(value),
+            in_use: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Runs `f` on the value. Panics if the caller does not own `lock` or is already inside
+    /// `with` on this cell: both would be bugs in this crate.
+    pub(crate) fn with<R>(&self, lock: &RFifoLock, f: impl FnOnce(&mut T) -> R) -> R {
+        assert!(lock.is_owner(), "OwnerOnly used without the context lock");
+        assert!(
+            !self.in_use.swap(true, Ordering::Relaxed),
+            "OwnerOnly borrowed twice"
+        );
+        struct Release<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        let _release = Release(&self.in_use);
+        // SAFETY: the assertions above establish the invariant: this thread owns the context
+        // lock and holds no other borrow of the value.
+        f(unsafe { &mut *self.value.get() })
+    }
+
+    /// The value, when nobody else can reach the cell any more.
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        self.value.get_mut()
     }
 }
