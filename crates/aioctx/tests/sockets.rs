@@ -11,7 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use aioctx::{AioContext, EventNotifier, Handler, WeakAioContext};
-use common::net::{listener, poll_until, read_available, tcp_pair, write_now, AsRaw};
+use common::net::{
+    creating_sockets, listener, no_new_sockets, poll_until, read_available, tcp_pair, write_now,
+    AsRaw,
+};
 
 fn boxed(f: impl FnMut() + Send + 'static) -> Option<Handler> {
     Some(Box::new(f))
@@ -135,6 +138,7 @@ fn echo_through_fd_handlers() {
 /// Starts a non-blocking connect to `addr`; it is still in progress when this returns (or, on a
 /// fast loopback, already done: both are fine for readiness).
 fn connect_nonblocking(addr: SocketAddr) -> TcpStream {
+    let _creating = creating_sockets();
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.set_nonblocking(true).unwrap();
     match sock.connect(&addr.into()) {
@@ -166,11 +170,17 @@ fn nonblocking_connect_and_accept_readiness() {
         let (l, accepted) = (l.clone(), accepted.clone());
         ctx.set_fd_handler(
             l.raw(),
-            boxed(move || match l.accept() {
-                Ok((s, _)) => accepted.lock().unwrap().push(s),
-                // Another poll may have taken it already; level-triggered means "try again".
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("accept: {e}"),
+            boxed(move || {
+                let accept = {
+                    let _creating = creating_sockets();
+                    l.accept()
+                };
+                match accept {
+                    Ok((s, _)) => accepted.lock().unwrap().push(s),
+                    // Another poll may have taken it already; level-triggered means "try again".
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("accept: {e}"),
+                }
             }),
             None,
         )
@@ -531,10 +541,13 @@ fn a_socket_closed_while_registered_does_not_break_the_loop() {
         )
         .unwrap();
     }
+    // Until the stale registration is gone, no other test may get the closed socket's value.
+    let no_new_sockets = no_new_sockets();
     drop(doomed);
     write_now(&mut a, b"still here");
     poll_until(&ctx, "the live socket", || got.load(Ordering::SeqCst) == 10);
     ctx.set_fd_handler(doomed_fd, None, None).unwrap();
+    drop(no_new_sockets);
     ctx.set_fd_handler(b_fd, None, None).unwrap();
     assert!(ctx.registered_fds().is_empty());
     assert!(!ctx.poll(false));

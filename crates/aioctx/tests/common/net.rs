@@ -3,6 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use aioctx::RawFd;
 
@@ -34,8 +35,29 @@ pub fn notifier_raw(n: &aioctx::EventNotifier) -> RawFd {
     return std::os::windows::io::AsRawHandle::as_raw_handle(n) as usize as RawFd;
 }
 
+/// Socket creation is shared ([`creating_sockets`]), and exclusive for a test that closes a
+/// socket still registered with a context, a deliberate caller bug, until it has removed the
+/// stale registration ([`no_new_sockets`]). The closed socket's value is handed out again at once
+/// to the next socket (Windows, and Wine, reuse the lowest free handle value; Unix the lowest
+/// free descriptor), and on Windows removing the registration detaches whatever socket has the
+/// value by then from *its* context's wake-ups (`WSAEventSelect` is a property of the socket),
+/// which would hang a test running alongside.
+static SOCKET_CREATION: RwLock<()> = RwLock::new(());
+
+/// Held while a test creates sockets (this module's helpers take it themselves).
+pub fn creating_sockets() -> RwLockReadGuard<'static, ()> {
+    SOCKET_CREATION.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Held by a test from closing a registered socket until it removed that registration: no
+/// other test of the binary creates a socket meanwhile.
+pub fn no_new_sockets() -> RwLockWriteGuard<'static, ()> {
+    SOCKET_CREATION.write().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A listener on an ephemeral loopback port.
 pub fn listener() -> TcpListener {
+    let _creating = creating_sockets();
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a loopback listener")
 }
 
@@ -43,6 +65,7 @@ pub fn listener() -> TcpListener {
 /// once.
 pub fn tcp_pair() -> (TcpStream, TcpStream) {
     let l = listener();
+    let _creating = creating_sockets();
     let a = TcpStream::connect(l.local_addr().unwrap()).expect("connect to the loopback listener");
     let (b, _) = l.accept().expect("accept the loopback connection");
     for s in [&a, &b] {
