@@ -94,6 +94,24 @@ pub(crate) trait Poller: Send + Sync {
     /// A descriptor that is readable whenever a wait would report something, for outer loops.
     #[cfg(unix)]
     fn outer_fd(&self) -> RawFd;
+
+    /// Whether [`has_pending`](Poller::has_pending) can see readiness without a system call
+    /// (io_uring's completion ring). If not, busy-polling must not spin while some handler lacks
+    /// an `io_poll` callback, or its descriptor would wait for the end of every window.
+    fn shows_readiness(&self) -> bool {
+        false
+    }
+
+    /// Without a system call: whether a wait with timeout 0 would report something now. Only
+    /// meaningful when [`shows_readiness`](Poller::shows_readiness); false otherwise.
+    fn has_pending(&self) -> bool {
+        false
+    }
+
+    /// Hands queued registration changes to the kernel, so that what the back end shows (to
+    /// `has_pending`, or to an outer loop through `outer_fd`) is current. Back ends that apply
+    /// changes at once have nothing to do.
+    fn flush(&self) {}
 }
 
 /// The back ends a context can use.
