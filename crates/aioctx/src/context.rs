@@ -46,7 +46,7 @@ use crate::lock::{thread_token, OwnerOnly, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::polling::{self, Counters, PollHandler, PollParams, Polling, Stats};
 use crate::registry::Registry;
-use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier, SourceKind};
+use crate::sys::{self, Backend, Event, Poller, RawFd, RawNotifier, SourceKind};
 use crate::task::{self, IoWaiters};
 use crate::thread_pool::{PoolConfig, PoolShared, ThreadPool};
 use crate::timer::{Timer, TimerLists};
@@ -234,8 +234,10 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll`, `poll` or `windows`)
-    /// decides, and without that the platform default ([`Backend::platform_default`]).
+    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll`, `io_uring`, `poll` or
+    /// `windows`) decides, and without that the platform default ([`Backend::platform_default`]).
+    /// An io_uring the kernel refuses is an error here, but falls back to epoll when it comes
+    /// from `AIOCTX_BACKEND`.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = Some(backend);
         self
@@ -293,6 +295,7 @@ impl Builder {
             grow: self.poll_grow,
             shrink: self.poll_shrink,
         };
+        let explicitly = self.backend.is_some();
         let backend = match self.backend {
             Some(b) => b,
             None => match std::env::var("AIOCTX_BACKEND") {
@@ -310,17 +313,9 @@ impl Builder {
                 ),
             ));
         }
-        let poller = sys::new_poller(backend)?;
+        let (backend, poller) = sys::open(backend, explicitly)?;
         let event = RawNotifier::new()?;
-        poller.add(
-            event.raw_fd(),
-            SourceKind::Notifier,
-            NOTIFY_TOKEN,
-            Interest {
-                read: true,
-                write: false,
-            },
-        )?;
+        poller.add_wakeup(event.raw_fd(), NOTIFY_TOKEN)?;
         let core = Arc::new(Core {
             bhs: BhQueue::new(),
             timers: TimerLists::new(),
