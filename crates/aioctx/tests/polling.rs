@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use aioctx::{AioContext, ClockType, EventNotifier, PollHandler, PollParams, SCALE_NS};
-use common::{handler, pipe, watchdog};
+#[cfg(unix)]
+use common::pipe;
+use common::{handler, watchdog};
 
 const HOUR_NS: u64 = 3_600_000_000_000;
 
@@ -348,6 +350,7 @@ fn long_block_shrinks_window() {
 }
 
 /// io_poll without io_read is refused.
+#[cfg(unix)]
 #[test]
 fn io_poll_needs_io_read() {
     let ctx = AioContext::new().unwrap();
