@@ -10,7 +10,9 @@
 //! * [`AioContext::poll`] with coalesced cross-thread wake-ups, nested loops, and
 //!   [`prepare`](AioContext::prepare)/[`pending`](AioContext::pending)/
 //!   [`dispatch`](AioContext::dispatch) for outer loops;
-//! * a recursive, FIFO-fair context lock ([`AioContext::acquire`]).
+//! * a recursive, FIFO-fair context lock ([`AioContext::acquire`]);
+//! * with the `glib` feature (Unix), the context as a GLib source for a `glib::MainContext`
+//!   (`AioContext::g_source`, QEMU's `aio_get_g_source`).
 //!
 //! Platforms ([`Backend`]): Linux and other Unixes (epoll or poll(2); [`RawFd`] is a file
 //! descriptor), and Windows (event objects and sockets with no 64-handle limit; [`RawFd`] is a
@@ -50,6 +52,8 @@ mod bh;
 mod callback;
 pub mod clock;
 mod context;
+#[cfg(all(unix, feature = "glib"))]
+mod gsource;
 mod handlers;
 mod lock;
 mod notifier;
@@ -71,3 +75,8 @@ pub use sys::{Backend, RawFd};
 pub use task::{sleep, sleep_on, sleep_until, JoinHandle, Readiness, Sleep};
 pub use thread_pool::{RunFuture, ThreadPool};
 pub use timer::Timer;
+
+/// The `glib` crate this crate's [`AioContext::g_source`] is built against, so that callers
+/// use the same version.
+#[cfg(all(unix, feature = "glib"))]
+pub use glib;

@@ -104,7 +104,7 @@ fn run_as_a_future() {
         }
         sum
     });
-    assert_eq!(sum, (0..10u64).map(|i| i * i).sum());
+    assert_eq!(sum, (0..10u64).map(|i| i * i).sum::<u64>());
 }
 
 #[test]
