@@ -597,9 +597,12 @@ impl AioContext {
         }
         // With nothing to wait for and no reason to block, skip the system call: BHs and
         // timers are checked below anyway, and the notifier is drained at the next real wait.
-        // The same goes for a spin that found work after asking every handler's io_poll.
+        // The same goes for a spin that found work after asking every handler's io_poll, but
+        // not for one that found readiness in the back end (it must be collected).
         let covered = spin.as_ref().is_some_and(|s| s.covered);
-        let mut waited = (timeout != 0 || (inner.handlers.count() != 0 && !covered)).then(|| {
+        let backend_ready = spin.as_ref().is_some_and(|s| s.backend);
+        let has_fds = inner.handlers.count() != 0;
+        let mut waited = (timeout != 0 || backend_ready || (has_fds && !covered)).then(|| {
             if timeout > 0 {
                 sys::prepare_timed_wait();
             }
@@ -792,7 +795,8 @@ impl Inner {
             start,
             // Every handler was asked, and a back end that shows readiness has nothing: no
             // wait can find more than the spin did.
-            covered: found.any && all_pollable && !self.poller.has_pending(),
+            covered: found.any && !found.backend && all_pollable && !self.poller.has_pending(),
+            backend: found.backend,
             tokens: found.tokens,
         }
     }

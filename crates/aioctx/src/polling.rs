@@ -159,6 +159,8 @@ pub(crate) struct Found {
     pub(crate) any: bool,
     /// Tokens whose `io_poll` reported work, to dispatch as readable.
     pub(crate) tokens: Vec<u64>,
+    /// The back end has readiness to report: the poll must call its wait.
+    pub(crate) backend: bool,
 }
 
 /// One blocking poll's polling phase.
@@ -167,6 +169,8 @@ pub(crate) struct Spin {
     pub(crate) start: Instant,
     /// The spin found work after asking every handler's `io_poll`, so the wait may be skipped.
     pub(crate) covered: bool,
+    /// The back end has readiness to report, so the wait must not be skipped.
+    pub(crate) backend: bool,
     /// Tokens whose `io_poll` reported work.
     pub(crate) tokens: Vec<u64>,
 }
@@ -178,6 +182,7 @@ impl Spin {
         Spin {
             start,
             covered: false,
+            backend: false,
             tokens: Vec::new(),
         }
     }
@@ -213,8 +218,13 @@ pub(crate) fn spin(
                 found.tokens.push(*token);
             }
         }
-        if !found.tokens.is_empty() || notified() || poller.has_pending() {
+        if !found.tokens.is_empty() || notified() {
             found.any = true;
+            return found;
+        }
+        if poller.has_pending() {
+            found.any = true;
+            found.backend = true;
             return found;
         }
         if start.elapsed().as_nanos() >= u128::from(max_ns) {

@@ -37,7 +37,10 @@
 //! next wait re-arms it from the current thread. Nothing is lost: re-arming checks readiness.
 //!
 //! Completion user data is a registration id, never reused, so completions of a removed or
-//! replaced registration are recognised and dropped.
+//! replaced registration are recognised and dropped. A removal's cancelled poll completes at
+//! once when its thread removes it (the common case): `delete` reads that completion off the ring
+//! straight away (keeping any readiness it finds for the next wait), so that an outer loop
+//! watching the ring's descriptor is not woken for nothing.
 
 use std::collections::HashMap;
 use std::io;
@@ -71,8 +74,15 @@ struct Registration {
 struct State {
     regs: HashMap<u64, Registration>,
     by_fd: HashMap<RawFd, u64>,
-    /// Ids to arm at the next submission: new registrations and completed one-shot polls.
+    /// Ids to arm at the next submission: new registrations, polls the kernel cancelled.
     to_arm: Vec<u64>,
+    /// Ids with readiness not yet handed out by a wait.
+    unreported: Vec<u64>,
+    /// Ids whose readiness the last wait handed out: re-armed by the next wait, after the
+    /// handlers ran (the level check).
+    reported: Vec<u64>,
+    /// Readiness read from the ring outside a wait, handed out by the next wait.
+    ready: Vec<Event>,
     next_id: u64,
 }
 
@@ -206,8 +216,12 @@ impl IoUringPoller {
         }
     }
 
-    /// Queues the arms that are due. State lock held.
+    /// Queues the arms that are due: new and cancelled registrations, and the polls whose
+    /// readiness an earlier wait handed out (whoever calls this, a wait or a flush, comes after
+    /// the handlers of that wait ran). State lock held.
     fn queue_pending(&self, state: &mut State) -> io::Result<()> {
+        let reported = std::mem::take(&mut state.reported);
+        state.to_arm.extend(reported);
         let to_arm = std::mem::take(&mut state.to_arm);
         for id in to_arm {
             let Some(reg) = state.regs.get_mut(&id) else {
@@ -272,12 +286,30 @@ impl IoUringPoller {
         Ok(())
     }
 
-    /// Reads every completion, appending readiness to `events` (one event per token). Returns
-    /// whether any event was added.
+    /// Reads every completion, appending readiness to `events` (one event per token), after
+    /// what earlier reads outside a wait kept. Returns whether any event was added.
     fn reap(&self, events: &mut Vec<Event>) -> bool {
         let before = events.len();
         let _cq = self.cq.lock();
         let mut state = self.state.lock();
+        for e in std::mem::take(&mut state.ready) {
+            merge_event(events, e);
+        }
+        self.reap_locked(&mut state, events);
+        events.len() > before
+    }
+
+    /// Reads the completions that are there now, keeping readiness for the next wait.
+    fn reap_to_stash(&self) {
+        let _cq = self.cq.lock();
+        let mut state = self.state.lock();
+        let mut ready = std::mem::take(&mut state.ready);
+        self.reap_locked(&mut state, &mut ready);
+        state.ready = ready;
+    }
+
+    /// Reads every completion into `events`. Both locks held (`cq` first).
+    fn reap_locked(&self, state: &mut State, events: &mut Vec<Event>) {
         // SAFETY: the `cq` lock makes this the only completion queue handle.
         let cq = unsafe { self.ring.completion_shared() };
         for cqe in cq {
@@ -286,21 +318,37 @@ impl IoUringPoller {
                 continue; // a removal, or a poll of a registration that is gone
             };
             if !cqueue::more(cqe.flags()) {
-                // The poll is over (one-shot, or a multishot the kernel ended): re-arm at the
-                // next submission, which is after the handler ran: that is the level check.
+                // The poll is over (one-shot, or a multishot the kernel ended).
                 reg.armed = false;
                 let token = reg.token;
-                state.to_arm.push(id);
                 if cqe.result() == -libc::ECANCELED {
-                    // Its thread exited (or a removal raced with a re-registration).
+                    // Its thread exited. Re-arm at once, unless readiness of it waits to be
+                    // handed out: then after that, like any other (see below).
+                    if !state.unreported.contains(&id) {
+                        state.to_arm.push(id);
+                    }
                     continue;
                 }
+                // Re-armed only once a wait has handed this out and returned, i.e. after the
+                // handler ran: that re-arm is the level check.
+                state.unreported.push(id);
                 push_event(events, token, cqe.result());
             } else {
-                push_event(events, reg.token, cqe.result());
+                let token = reg.token;
+                state.unreported.push(id);
+                push_event(events, token, cqe.result());
             }
         }
-        events.len() > before
+    }
+}
+
+fn merge_event(events: &mut Vec<Event>, e: Event) {
+    match events.iter_mut().find(|x| x.token == e.token) {
+        Some(x) => {
+            x.readable |= e.readable;
+            x.writable |= e.writable;
+        }
+        None => events.push(e),
     }
 }
 
@@ -316,19 +364,15 @@ fn push_event(events: &mut Vec<Event>, token: u64, res: i32) {
     let read_mask = (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLRDHUP) as u32;
     let write_mask = (libc::POLLOUT | libc::POLLERR) as u32;
     let (readable, writable) = (mask & read_mask != 0, mask & write_mask != 0);
-    if !readable && !writable {
-        return;
-    }
-    match events.iter_mut().find(|e| e.token == token) {
-        Some(e) => {
-            e.readable |= readable;
-            e.writable |= writable;
-        }
-        None => events.push(Event {
-            token,
-            readable,
-            writable,
-        }),
+    if readable || writable {
+        merge_event(
+            events,
+            Event {
+                token,
+                readable,
+                writable,
+            },
+        );
     }
 }
 
@@ -355,10 +399,12 @@ impl Poller for IoUringPoller {
         };
         // A new registration (new id) replaces the old one, whose late completions are dropped.
         let old = state.regs.remove(&id).expect("by_fd and regs agree");
+        self.register(&mut state, fd, token, interest, old.multishot);
         if old.armed {
             self.remove_now(&mut state, id)?;
+            drop(state);
+            self.reap_to_stash();
         }
-        self.register(&mut state, fd, token, interest, old.multishot);
         Ok(())
     }
 
@@ -373,6 +419,8 @@ impl Poller for IoUringPoller {
         let reg = state.regs.remove(&id).expect("by_fd and regs agree");
         if reg.armed {
             self.remove_now(&mut state, id)?;
+            drop(state);
+            self.reap_to_stash();
         }
         Ok(())
     }
@@ -382,15 +430,15 @@ impl Poller for IoUringPoller {
             .ok()
             .map(|ns| Instant::now() + Duration::from_nanos(ns));
         loop {
-            let pending = {
+            let (pending, stashed) = {
                 let mut state = self.state.lock();
                 self.queue_pending(&mut state)?;
                 // SAFETY: the state lock is held: the only submission queue handle.
                 let sq = unsafe { self.ring.submission_shared() };
-                !sq.is_empty() || sq.cq_overflow()
+                (!sq.is_empty() || sq.cq_overflow(), !state.ready.is_empty())
             };
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let block = remaining.is_none_or(|r| !r.is_zero());
+            let block = !stashed && remaining.is_none_or(|r| !r.is_zero());
             let result = match remaining {
                 _ if !block => {
                     if pending {
@@ -418,10 +466,14 @@ impl Poller for IoUringPoller {
             };
             // Only completions for live registrations count: removals and stale polls wake the
             // wait too, and must not end it before its deadline.
-            if self.reap(events) || !block || interrupted {
-                return Ok(());
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.reap(events)
+                || !block
+                || interrupted
+                || deadline.is_some_and(|d| Instant::now() >= d)
+            {
+                let mut state = self.state.lock();
+                let handed_out = std::mem::take(&mut state.unreported);
+                state.reported.extend(handed_out);
                 return Ok(());
             }
         }
@@ -435,21 +487,36 @@ impl Poller for IoUringPoller {
         true
     }
 
+    /// Reads new completions off the ring (no system call), so that only readiness counts:
+    /// the completions of removed polls, or of polls the kernel cancelled because their thread
+    /// exited, must not end a spin. The latter are re-armed at once, unless readiness was found
+    /// (then a re-arm could report what a handler is about to consume: it waits for the wait).
     fn has_pending(&self) -> bool {
-        let _cq = self.cq.lock();
-        // SAFETY: the `cq` lock makes this the only completion queue handle; it only reads the
-        // indices.
-        let cq = unsafe { self.ring.completion_shared() };
-        !cq.is_empty() || {
-            let _state = self.state.lock();
-            // SAFETY: the state lock is held: the only submission queue handle.
-            unsafe { self.ring.submission_shared() }.cq_overflow()
+        let completions = {
+            let _cq = self.cq.lock();
+            // SAFETY: the `cq` lock makes this the only completion queue handle; it only reads
+            // the indices.
+            !unsafe { self.ring.completion_shared() }.is_empty()
+        };
+        if completions {
+            self.reap_to_stash();
         }
+        let state = self.state.lock();
+        if !state.ready.is_empty() {
+            return true;
+        }
+        // SAFETY: the state lock is held: the only submission queue handle.
+        let overflow = unsafe { self.ring.submission_shared() }.cq_overflow();
+        drop(state);
+        if completions {
+            self.flush();
+        }
+        overflow
     }
 
     fn flush(&self) {
         let mut state = self.state.lock();
-        if state.to_arm.is_empty() {
+        if state.to_arm.is_empty() && state.reported.is_empty() {
             return;
         }
         // An error here (ENOMEM, say) is met again, and reported, by the next wait.
