@@ -36,11 +36,10 @@ AIOCTX_BACKEND=poll cargo test -p aioctx --all-features
 step "cargo test -p aioctx --all-features with AIOCTX_BACKEND=io_uring"
 AIOCTX_BACKEND=io_uring cargo test -p aioctx --all-features
 
-# --- Linux: the library with busy-polling on (default back end) ---------------------------
-# (Not yet with io_uring as well: stress::notify_storm_then_quiet sees one wake-up too many in
-# about 1 run of 10 there; see the uring branch's notes.)
+# --- Linux: the library with busy-polling on, on the default back end and on io_uring -----
 step "cargo test -p aioctx --all-features with AIOCTX_POLL_MAX_NS=32768"
 AIOCTX_POLL_MAX_NS=32768 cargo test -p aioctx --all-features
+AIOCTX_POLL_MAX_NS=32768 AIOCTX_BACKEND=io_uring cargo test -p aioctx --all-features
 
 # --- Windows, under Wine --------------------------------------------------------------------
 wine_script=../shared/windows/cargo-test-wine.sh
