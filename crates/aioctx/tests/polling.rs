@@ -124,30 +124,42 @@ fn notify_during_window_writes_no_eventfd() {
 }
 
 /// A BH scheduled from another thread during the window runs at once, with no eventfd write.
+///
+/// Whether the producer thread gets a CPU within the window is up to the scheduler: on a loaded
+/// 2-CPU machine it once did not (1 run in ~150). So the scenario may be tried three times; an
+/// implementation that writes the eventfd for a spinning loop fails all three.
 #[test]
 fn bh_scheduled_during_window_writes_no_eventfd() {
     let _w = watchdog("bh_scheduled_during_window_writes_no_eventfd");
-    let ctx = polling_ctx(1_000_000);
-    grow_window_once(&ctx);
-    grow_window_once(&ctx);
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        let ctx = polling_ctx(1_000_000);
+        grow_window_once(&ctx);
+        grow_window_once(&ctx);
 
-    let (tx, rx) = mpsc::channel();
-    let probe = Probe::register(&ctx, Some(tx));
-    let ran = Arc::new(AtomicBool::new(false));
-    let (c, r) = (ctx.clone(), ran.clone());
-    let producer = std::thread::spawn(move || {
-        rx.recv().unwrap();
-        c.bh_schedule_oneshot(move || r.store(true, Ordering::SeqCst));
-    });
-    let before = ctx.stats();
-    while !ran.load(Ordering::SeqCst) {
-        ctx.poll(true);
+        let (tx, rx) = mpsc::channel();
+        let probe = Probe::register(&ctx, Some(tx));
+        let ran = Arc::new(AtomicBool::new(false));
+        let (c, r) = (ctx.clone(), ran.clone());
+        let producer = std::thread::spawn(move || {
+            rx.recv().unwrap();
+            c.bh_schedule_oneshot(move || r.store(true, Ordering::SeqCst));
+        });
+        let before = ctx.stats();
+        while !ran.load(Ordering::SeqCst) {
+            ctx.poll(true);
+        }
+        let after = ctx.stats();
+        producer.join().unwrap();
+        ctx.set_event_notifier(&probe.notifier, None).unwrap();
+        if after.notify_writes == before.notify_writes
+            && after.blocking_waits == before.blocking_waits
+        {
+            return;
+        }
+        attempts.push((before, after));
     }
-    let after = ctx.stats();
-    producer.join().unwrap();
-    assert_eq!(after.notify_writes, before.notify_writes, "{after:?}");
-    assert_eq!(after.blocking_waits, before.blocking_waits, "{after:?}");
-    ctx.set_event_notifier(&probe.notifier, None).unwrap();
+    panic!("every attempt slept or wrote the eventfd: {attempts:?}");
 }
 
 /// Work that only `io_poll` can see (the notifier is never set) runs `io_read`, found by the
