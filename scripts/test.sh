@@ -36,9 +36,10 @@ AIOCTX_BACKEND=poll cargo test -p aioctx --all-features
 step "cargo test -p aioctx --all-features with AIOCTX_BACKEND=io_uring"
 AIOCTX_BACKEND=io_uring cargo test -p aioctx --all-features
 
-# --- Linux: the library with busy-polling on, on the default back end and on io_uring -----
+# --- Linux: the library with busy-polling on, on every back end -----------------------------
 step "cargo test -p aioctx --all-features with AIOCTX_POLL_MAX_NS=32768"
 AIOCTX_POLL_MAX_NS=32768 cargo test -p aioctx --all-features
+AIOCTX_POLL_MAX_NS=32768 AIOCTX_BACKEND=poll cargo test -p aioctx --all-features
 AIOCTX_POLL_MAX_NS=32768 AIOCTX_BACKEND=io_uring cargo test -p aioctx --all-features
 
 # --- Windows, under Wine --------------------------------------------------------------------
