@@ -31,6 +31,17 @@ cargo test --workspace --all-features
 step "cargo test -p aioctx --all-features with AIOCTX_BACKEND=poll"
 AIOCTX_BACKEND=poll cargo test -p aioctx --all-features
 
+# --- Linux: the library on io_uring (falls back to epoll, saying so, where the kernel refuses
+# io_uring; its own io_uring tests then print SKIPPED) -----------------------------------------
+step "cargo test -p aioctx --all-features with AIOCTX_BACKEND=io_uring"
+AIOCTX_BACKEND=io_uring cargo test -p aioctx --all-features
+
+# --- Linux: the library with busy-polling on, on every back end -----------------------------
+step "cargo test -p aioctx --all-features with AIOCTX_POLL_MAX_NS=32768"
+AIOCTX_POLL_MAX_NS=32768 cargo test -p aioctx --all-features
+AIOCTX_POLL_MAX_NS=32768 AIOCTX_BACKEND=poll cargo test -p aioctx --all-features
+AIOCTX_POLL_MAX_NS=32768 AIOCTX_BACKEND=io_uring cargo test -p aioctx --all-features
+
 # --- Windows, under Wine --------------------------------------------------------------------
 wine_script=../shared/windows/cargo-test-wine.sh
 if [ -f "$wine_script" ]; then

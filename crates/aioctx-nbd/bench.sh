@@ -10,13 +10,21 @@
 # the same server can vary by 5x between runs.
 #
 # Usage: crates/aioctx-nbd/bench.sh [IMAGE_SIZE_MIB]   (default 1024)
-# Environment: BENCH_SCALE=N multiplies the request counts (default 1).
+# Environment: BENCH_SCALE=N multiplies the request counts (default 1),
+# BENCH_DIV=N divides them (default 1), SERVERS="..." picks the servers
+# (default: aioctx-nbd and the three peers). aioctx-nbd can also run as
+# aioctx-nbd-io_uring, aioctx-nbd-poll and aioctx-nbd-io_uring-poll
+# (AIOCTX_BACKEND=io_uring and/or AIOCTX_POLL_MAX_NS=${POLL_MAX_NS:-32768}):
+#   SERVERS="aioctx-nbd aioctx-nbd-poll aioctx-nbd-io_uring aioctx-nbd-io_uring-poll" \
+#     BENCH_DIV=4 crates/aioctx-nbd/bench.sh 256
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 size_mib=${1:-1024}
 scale=${BENCH_SCALE:-1}
+div=${BENCH_DIV:-1}
+poll_ns=${POLL_MAX_NS:-32768}
 
 for tool in qemu-img qemu-nbd nbdkit; do
     command -v "$tool" >/dev/null || { echo "bench.sh: $tool not found" >&2; exit 1; }
@@ -63,6 +71,13 @@ start_server() {
         case "$1" in
             aioctx-nbd)
                 exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
+            aioctx-nbd-poll)
+                AIOCTX_POLL_MAX_NS=$poll_ns exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
+            aioctx-nbd-io_uring)
+                AIOCTX_BACKEND=io_uring exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
+            aioctx-nbd-io_uring-poll)
+                AIOCTX_BACKEND=io_uring AIOCTX_POLL_MAX_NS=$poll_ns \
+                    exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
             qemu-nbd-threads)
                 exec qemu-nbd -t -f raw --cache=writeback --aio=threads -b 127.0.0.1 -p "$p" "$img" ;;
             qemu-nbd-io_uring)
@@ -78,13 +93,20 @@ start_server() {
 
 # One benchmark: name, then qemu-img bench arguments.
 tests=(
-    "4k-read-d32|-c $((200000 * scale)) -d 32 -s 4k"
-    "4k-write-d32|-c $((200000 * scale)) -d 32 -s 4k -w"
-    "64k-read-d32|-c $((40000 * scale)) -d 32 -s 64k"
-    "64k-write-d32|-c $((40000 * scale)) -d 32 -s 64k -w"
-    "4k-read-d1|-c $((50000 * scale)) -d 1 -s 4k"
+    "4k-read-d32|-c $((200000 * scale / div)) -d 32 -s 4k"
+    "4k-write-d32|-c $((200000 * scale / div)) -d 32 -s 4k -w"
+    "64k-read-d32|-c $((40000 * scale / div)) -d 32 -s 64k"
+    "64k-write-d32|-c $((40000 * scale / div)) -d 32 -s 64k -w"
+    "4k-read-d1|-c $((50000 * scale / div)) -d 1 -s 4k"
 )
-servers=(aioctx-nbd qemu-nbd-threads qemu-nbd-io_uring nbdkit-file)
+read -r -a servers <<<"${SERVERS:-aioctx-nbd qemu-nbd-threads qemu-nbd-io_uring nbdkit-file}"
+for s in "${servers[@]}"; do
+    case "$s" in
+        aioctx-nbd | aioctx-nbd-poll | aioctx-nbd-io_uring | aioctx-nbd-io_uring-poll) ;;
+        qemu-nbd-threads | qemu-nbd-io_uring | nbdkit-file) ;;
+        *) echo "bench.sh: unknown server $s" >&2; exit 1 ;;
+    esac
+done
 
 for s in "${servers[@]}"; do
     start_server "$s"
@@ -96,7 +118,7 @@ iops() { # count seconds
 }
 
 printf '%-14s' "test"
-for s in "${servers[@]}"; do printf '%19s' "$s"; done
+for s in "${servers[@]}"; do printf '%26s' "$s"; done
 printf '%12s\n' "ratio"
 for t in "${tests[@]}"; do
     name=${t%%|*}
@@ -107,17 +129,17 @@ for t in "${tests[@]}"; do
     mine=0
     for s in "${servers[@]}"; do
         if [ "${port[$s]}" = unavailable ]; then
-            printf '%19s' "n/a"
+            printf '%26s' "n/a"
             continue
         fi
         # shellcheck disable=SC2086
         out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1) || {
-            printf '%19s' "failed"
+            printf '%26s' "failed"
             continue
         }
         secs=$(sed -nE 's/.*Run completed in ([0-9.]+) seconds.*/\1/p' <<<"$out")
         v=$(iops "$count" "${secs:-0}")
-        printf '%19s' "$v"
+        printf '%26s' "$v"
         if [ "$s" = aioctx-nbd ]; then
             mine=$v
         elif [ "$v" -gt "$best" ]; then
@@ -126,4 +148,4 @@ for t in "${tests[@]}"; do
     done
     awk -v m="$mine" -v b="$best" 'BEGIN { if (b > 0) printf "%12.2f\n", m / b; else print "         n/a" }'
 done
-echo "(IOPS; ratio = aioctx-nbd / best peer)"
+echo "(IOPS; ratio = aioctx-nbd / best other server)"

@@ -28,6 +28,10 @@ pub enum System {
     Mio,
     /// GLib's main loop, through the glib crate.
     Glib,
+    /// aioctx with busy-polling on (`--poll-max-ns`).
+    AioctxPoll,
+    /// A thread spinning on an atomic: the user-space floor of a wake-up.
+    Spin,
 }
 
 impl System {
@@ -40,13 +44,18 @@ impl System {
             System::Calloop => "calloop",
             System::Mio => "mio",
             System::Glib => "glib",
+            System::AioctxPoll => "aioctx-poll",
+            System::Spin => "spin",
         }
     }
 
     /// True for the systems aioctx is compared against for "best peer"
-    /// (everything but aioctx itself and the floor).
+    /// (everything but aioctx itself, its polling variant and the floors).
     pub fn is_peer(self) -> bool {
-        !matches!(self, System::Aioctx | System::Floor)
+        !matches!(
+            self,
+            System::Aioctx | System::Floor | System::AioctxPoll | System::Spin
+        )
     }
 }
 
@@ -189,10 +198,39 @@ pub fn thread_cpu_time() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// The CPU-time clock of the calling thread, readable from any thread with
+/// [`cpu_time_of`]: to measure what a loop thread burns while another thread
+/// measures latency.
+pub fn current_thread_cpu_clock() -> libc::clockid_t {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: pthread_self() is the calling thread, alive for the call;
+    // `clock` is a valid place for the result.
+    let rc = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+    assert_eq!(rc, 0, "pthread_getcpuclockid failed: {rc}");
+    clock
+}
+
+/// CPU time consumed so far by the thread whose clock is `clock` (from
+/// [`current_thread_cpu_clock`]; the thread must still be alive).
+pub fn cpu_time_of(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(thread CPU clock) failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 /// Restricts the calling thread to the CPUs in `cpus` (all online CPUs when
 /// empty). Threads spawned afterwards inherit the mask.
 pub fn pin_current_thread(cpus: &[usize]) {
-    let all: Vec<usize> = (0..online_cpus()).collect();
+    // Not `online_cpus()`: that follows the current mask, so after pinning to
+    // one CPU, "all" would mean that CPU alone.
+    // SAFETY: sysconf takes no pointers.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let all: Vec<usize> = (0..online).collect();
     let cpus = if cpus.is_empty() { &all[..] } else { cpus };
     // SAFETY: cpu_set_t is plain data for which all-zeroes is the empty set;
     // CPU_SET only writes inside `set` (it bounds-checks the index) and

@@ -48,9 +48,15 @@ struct Args {
     only: Vec<String>,
 
     /// Run only these systems (comma separated: aioctx, floor, tokio,
-    /// calloop, mio, glib), e.g. to profile or strace one of them.
+    /// calloop, mio, glib, aioctx-poll, spin), e.g. to profile or strace one
+    /// of them.
     #[arg(long, value_delimiter = ',', value_name = "SYSTEMS")]
     systems: Vec<String>,
+
+    /// The polling window of the `aioctx-poll` system in workload 2c, in ns
+    /// (QEMU's IOThread default: 32768).
+    #[arg(long, value_name = "NS", default_value_t = 32_768)]
+    poll_max_ns: u64,
 
     /// Divide every size by N and measure 2 rounds (for smoke tests; the
     /// numbers are meaningless).
@@ -65,6 +71,7 @@ fn main() {
         shrink: args.shrink,
     };
     harness::only_systems(args.systems.clone());
+    workloads::cross_thread::set_poll_max_ns(args.poll_max_ns);
     let started = Instant::now();
     let mut report = Report::default();
     for w in workloads::ALL {

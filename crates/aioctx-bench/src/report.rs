@@ -107,10 +107,10 @@ pub fn table(report: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<48} {:<8} {:>11} {:>11} {:>12} {:>8}",
+        "{:<48} {:<11} {:>11} {:>11} {:>12} {:>8}",
         "workload", "system", "median", "p99", "aioctx/this", "samples"
     );
-    let _ = writeln!(s, "{}", "-".repeat(103));
+    let _ = writeln!(s, "{}", "-".repeat(106));
     let mut summary = Vec::new();
     for (w, rs) in by_workload(&report.rows) {
         let a = rs.iter().copied().find(|r| r.system == System::Aioctx);
@@ -121,7 +121,7 @@ pub fn table(report: &Report) -> String {
             };
             let _ = writeln!(
                 s,
-                "{:<48} {:<8} {:>11} {:>11} {:>12} {:>8}",
+                "{:<48} {:<11} {:>11} {:>11} {:>12} {:>8}",
                 w,
                 r.system.name(),
                 fmt_ns(r.median_ns),
@@ -179,6 +179,8 @@ pub fn write_chart(rows: &[Row], path: &Path) -> io::Result<()> {
         (System::Calloop, RGBColor(67, 147, 195)),
         (System::Mio, RGBColor(146, 197, 222)),
         (System::Glib, RGBColor(90, 174, 97)),
+        (System::AioctxPoll, RGBColor(178, 120, 200)),
+        (System::Spin, RGBColor(60, 60, 60)),
     ]
     .into_iter()
     .collect();

@@ -32,7 +32,16 @@ fn tiny_run_writes_well_formed_json_and_chart() {
     let rows: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = rows.as_array().expect("a JSON array");
-    let systems = ["aioctx", "floor", "tokio", "calloop", "mio", "glib"];
+    let systems = [
+        "aioctx",
+        "floor",
+        "tokio",
+        "calloop",
+        "mio",
+        "glib",
+        "aioctx-poll",
+        "spin",
+    ];
     let mut workloads = BTreeSet::new();
     let mut with_aioctx = BTreeSet::new();
     for row in rows {

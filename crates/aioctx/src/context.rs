@@ -25,11 +25,16 @@
 //!
 //! `notify_me` bit 0 is set between [`AioContext::prepare`] and [`AioContext::pending`] (an outer
 //! loop is about to wait on the context's descriptor), like QEMU's GSource.
+//!
+//! Busy-polling (the `polling` module) spins before `notify_me += 2`, watching `notified`: a
+//! notify during the spin is seen with no eventfd write, and one that races with the end of the
+//! spin is caught by the protocol above, unchanged.
 
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -39,8 +44,9 @@ use crate::clock::{self, ClockType};
 use crate::handlers::{Handlers, NOTIFY_TOKEN};
 use crate::lock::{thread_token, OwnerOnly, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
+use crate::polling::{self, Counters, PollHandler, PollParams, Polling, Stats};
 use crate::registry::Registry;
-use crate::sys::{self, Backend, Event, Interest, Poller, RawFd, RawNotifier, SourceKind};
+use crate::sys::{self, Backend, Event, Poller, RawFd, RawNotifier, SourceKind};
 use crate::task::{self, IoWaiters};
 use crate::thread_pool::{PoolConfig, PoolShared, ThreadPool};
 use crate::timer::{Timer, TimerLists};
@@ -65,6 +71,7 @@ pub(crate) struct Core {
     pub(crate) lock: RFifoLock,
     /// Kept alive here so the virtual clock can wake this context (it holds a weak reference).
     virtual_waker: OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    pub(crate) counters: Counters,
 }
 
 impl Core {
@@ -81,6 +88,7 @@ impl Core {
             // Failing to write an eventfd means the descriptor is gone, which cannot happen
             // while `self` is alive; there is nobody to report it to.
             let _ = self.event.set();
+            Counters::bump(&self.counters.notify_writes);
         }
     }
 
@@ -139,6 +147,7 @@ pub(crate) struct Inner {
     /// The worker pool, created on first use (QEMU's `aio_get_thread_pool`).
     pool: OnceLock<Arc<PoolShared>>,
     pool_config: PoolConfig,
+    polling: Polling,
     /// Readiness futures waiting on descriptors.
     pub(crate) io_waiters: IoWaiters,
 }
@@ -218,11 +227,17 @@ impl std::fmt::Debug for WeakAioContext {
 pub struct Builder {
     backend: Option<Backend>,
     pool: PoolConfig,
+    /// `None`: `AIOCTX_POLL_MAX_NS`, or 0.
+    poll_max_ns: Option<u64>,
+    poll_grow: u64,
+    poll_shrink: u64,
 }
 
 impl Builder {
-    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll`, `poll` or `windows`)
-    /// decides, and without that the platform default ([`Backend::platform_default`]).
+    /// Chooses the back end. Without this, `AIOCTX_BACKEND` (`epoll`, `io_uring`, `poll` or
+    /// `windows`) decides, and without that the platform default ([`Backend::platform_default`]).
+    /// An io_uring the kernel refuses is an error here, but falls back to epoll when it comes
+    /// from `AIOCTX_BACKEND`.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = Some(backend);
         self
@@ -246,11 +261,41 @@ impl Builder {
         self
     }
 
+    /// The longest busy-polling window in ns (QEMU's `poll-max-ns`); 0 disables polling.
+    /// Without this, `AIOCTX_POLL_MAX_NS` decides, and without that polling is off. See
+    /// [`AioContext::set_poll_params`].
+    pub fn poll_max_ns(mut self, ns: u64) -> Self {
+        self.poll_max_ns = Some(ns);
+        self
+    }
+
+    /// The factor the polling window grows by (QEMU's `poll-grow`); 0, the default, means 2.
+    pub fn poll_grow(mut self, factor: u64) -> Self {
+        self.poll_grow = factor;
+        self
+    }
+
+    /// The divisor the polling window shrinks by (QEMU's `poll-shrink`); 0, the default,
+    /// resets it to 0.
+    pub fn poll_shrink(mut self, divisor: u64) -> Self {
+        self.poll_shrink = divisor;
+        self
+    }
+
     /// Creates the context (QEMU's `aio_context_new`).
     ///
-    /// Fails if the back end cannot be created, if `AIOCTX_BACKEND` names no back end, or if the
-    /// pool's minimum exceeds its maximum.
+    /// Fails if the back end cannot be created, if `AIOCTX_BACKEND` names no back end or
+    /// `AIOCTX_POLL_MAX_NS` is not a number, or if the pool's minimum exceeds its maximum.
     pub fn build(self) -> io::Result<AioContext> {
+        let poll = PollParams {
+            max_ns: match self.poll_max_ns {
+                Some(ns) => ns,
+                None => PollParams::from_env()?.max_ns,
+            },
+            grow: self.poll_grow,
+            shrink: self.poll_shrink,
+        };
+        let explicitly = self.backend.is_some();
         let backend = match self.backend {
             Some(b) => b,
             None => match std::env::var("AIOCTX_BACKEND") {
@@ -268,17 +313,9 @@ impl Builder {
                 ),
             ));
         }
-        let poller = sys::new_poller(backend)?;
+        let (backend, poller) = sys::open(backend, explicitly)?;
         let event = RawNotifier::new()?;
-        poller.add(
-            event.raw_fd(),
-            SourceKind::Notifier,
-            NOTIFY_TOKEN,
-            Interest {
-                read: true,
-                write: false,
-            },
-        )?;
+        poller.add_wakeup(event.raw_fd(), NOTIFY_TOKEN)?;
         let core = Arc::new(Core {
             bhs: BhQueue::new(),
             timers: TimerLists::new(),
@@ -291,6 +328,7 @@ impl Builder {
             closed: AtomicBool::new(false),
             lock: RFifoLock::new(),
             virtual_waker: OnceLock::new(),
+            counters: Counters::default(),
         });
         Ok(AioContext {
             inner: Arc::new(Inner {
@@ -305,6 +343,7 @@ impl Builder {
                 buffers: Mutex::new(Vec::new()),
                 pool: OnceLock::new(),
                 pool_config: self.pool,
+                polling: Polling::new(poll),
                 io_waiters: IoWaiters::default(),
             }),
         })
@@ -400,7 +439,23 @@ impl AioContext {
         io_read: Option<Handler>,
         io_write: Option<Handler>,
     ) -> io::Result<()> {
-        self.set_handlers(fd, SourceKind::Fd, io_read, io_write)
+        self.set_handlers(fd, SourceKind::Fd, io_read, io_write, None)
+    }
+
+    /// [`set_fd_handler`](Self::set_fd_handler) with an `io_poll` callback (QEMU's
+    /// `aio_set_fd_handler` with `io_poll`): while the context busy-polls (see
+    /// [`set_poll_params`](Self::set_poll_params)), it calls `io_poll` instead of asking the
+    /// kernel, and runs `io_read` when `io_poll` returns true, whether or not `fd` is readable
+    /// (so `fd` should be non-blocking). `io_poll` requires `io_read` (`InvalidInput` otherwise).
+    /// Without polling, `io_poll` is never called and this is `set_fd_handler`.
+    pub fn set_fd_handler_poll(
+        &self,
+        fd: RawFd,
+        io_read: Option<Handler>,
+        io_write: Option<Handler>,
+        io_poll: Option<PollHandler>,
+    ) -> io::Result<()> {
+        self.set_handlers(fd, SourceKind::Fd, io_read, io_write, io_poll)
     }
 
     fn set_handlers(
@@ -409,11 +464,12 @@ impl AioContext {
         kind: SourceKind,
         io_read: Option<Handler>,
         io_write: Option<Handler>,
+        io_poll: Option<PollHandler>,
     ) -> io::Result<()> {
-        let retired = self
-            .inner
-            .handlers
-            .set(&*self.inner.poller, fd, kind, io_read, io_write)?;
+        let retired =
+            self.inner
+                .handlers
+                .set(&*self.inner.poller, fd, kind, io_read, io_write, io_poll)?;
         // A blocked poll must see the new set (the poll(2) back end copies it per wait).
         self.inner.core.notify_changed();
         // From another thread, a replaced callback may be running right now: wait for it, so
@@ -433,7 +489,56 @@ impl AioContext {
         notifier: &EventNotifier,
         io_read: Option<Handler>,
     ) -> io::Result<()> {
-        self.set_handlers(notifier.raw_fd(), SourceKind::Notifier, io_read, None)
+        self.set_handlers(notifier.raw_fd(), SourceKind::Notifier, io_read, None, None)
+    }
+
+    /// [`set_event_notifier`](Self::set_event_notifier) with an `io_poll` callback (QEMU's
+    /// `aio_set_event_notifier` with `io_poll`); see
+    /// [`set_fd_handler_poll`](Self::set_fd_handler_poll). When `io_poll` reports work, `io_read`
+    /// runs even if the notifier is not set ([`EventNotifier::test_and_clear`] returns false).
+    pub fn set_event_notifier_poll(
+        &self,
+        notifier: &EventNotifier,
+        io_read: Option<Handler>,
+        io_poll: Option<PollHandler>,
+    ) -> io::Result<()> {
+        self.set_handlers(
+            notifier.raw_fd(),
+            SourceKind::Notifier,
+            io_read,
+            None,
+            io_poll,
+        )
+    }
+
+    /// Sets the busy-polling parameters (QEMU's `aio_context_set_poll_params`): the longest
+    /// window in ns (0 turns polling off), the factor it grows by (0: 2) and the divisor it
+    /// shrinks by (0: reset to 0). The window restarts from 0. Any thread may call this.
+    ///
+    /// While polling is on, a blocking [`poll`](Self::poll) with nothing ready first spins for
+    /// up to the current window, checking `io_poll` callbacks, [`notify`](Self::notify) and BH
+    /// schedules from other threads (and, on io_uring, every descriptor), before it sleeps in
+    /// the kernel. Spinning burns the CPU it runs on: see the crate's README for when it pays.
+    /// While some handler lacks `io_poll`, only the io_uring back end can spin (QEMU's rule:
+    /// the others would not see that handler's descriptor until the window ends).
+    pub fn set_poll_params(&self, max_ns: u64, grow: u64, shrink: u64) {
+        self.inner.polling.set_params(PollParams {
+            max_ns,
+            grow,
+            shrink,
+        });
+        // A sleeping loop picks the new parameters up at its next poll.
+        self.notify();
+    }
+
+    /// The busy-polling parameters.
+    pub fn poll_params(&self) -> PollParams {
+        self.inner.polling.params()
+    }
+
+    /// A snapshot of the context's counters: eventfd writes, blocking waits, polling windows.
+    pub fn stats(&self) -> Stats {
+        self.inner.core.counters.snapshot(&self.inner.polling)
     }
 
     /// Creates a timer on `clock` whose deadlines are in units of `scale` ns (QEMU's
@@ -476,6 +581,12 @@ impl AioContext {
         inner.home.store(thread_token(), Ordering::Relaxed);
 
         let mut timeout = if blocking { inner.compute_timeout() } else { 0 };
+        // Busy-polling, strictly before the sleep is announced (see the polling module).
+        let spin = if blocking && inner.polling.enabled() {
+            Some(inner.try_poll_mode(&mut timeout))
+        } else {
+            None
+        };
         let announced = timeout != 0;
         if announced {
             core.notify_me.fetch_add(2, Ordering::Relaxed);
@@ -486,9 +597,17 @@ impl AioContext {
         }
         // With nothing to wait for and no reason to block, skip the system call: BHs and
         // timers are checked below anyway, and the notifier is drained at the next real wait.
-        let waited = (timeout != 0 || inner.handlers.count() != 0).then(|| {
+        // The same goes for a spin that found work after asking every handler's io_poll, but
+        // not for one that found readiness in the back end (it must be collected).
+        let covered = spin.as_ref().is_some_and(|s| s.covered);
+        let backend_ready = spin.as_ref().is_some_and(|s| s.backend);
+        let has_fds = inner.handlers.count() != 0;
+        let mut waited = (timeout != 0 || backend_ready || (has_fds && !covered)).then(|| {
             if timeout > 0 {
                 sys::prepare_timed_wait();
+            }
+            if timeout != 0 {
+                Counters::bump(&core.counters.blocking_waits);
             }
             let mut events = inner.take_buffer();
             let epoch = inner.wait(&mut events, timeout);
@@ -498,6 +617,21 @@ impl AioContext {
             core.notify_me.fetch_sub(2, Ordering::Release);
         }
         core.notify_accept();
+
+        if let Some(spin) = spin {
+            // Before any callback runs: handler time is not polling time.
+            let block_ns = spin.start.elapsed().as_nanos().min(u128::from(u64::MAX));
+            inner.polling.adjust(block_ns as u64);
+            if !spin.tokens.is_empty() {
+                let (_, events) = waited.get_or_insert_with(|| {
+                    (
+                        inner.wait_epoch.load(Ordering::Relaxed),
+                        inner.take_buffer(),
+                    )
+                });
+                polling::merge_readable(events, &spin.tokens);
+            }
+        }
 
         let mut progress = inner.run_bhs();
         if let Some((epoch, events)) = waited {
@@ -517,6 +651,8 @@ impl AioContext {
     pub fn prepare(&self) -> bool {
         let _guard = self.acquire();
         let core = &*self.inner.core;
+        // The outer loop will wait on `outer_fd`: it must reflect every registration.
+        self.inner.poller.flush();
         core.notify_me.fetch_or(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         core.notified.load(Ordering::Relaxed) || self.inner.compute_timeout() == 0
@@ -620,6 +756,48 @@ impl Inner {
             BhWork::Idle if deadline < 0 => IDLE_BH_TIMEOUT_NS,
             BhWork::Idle => deadline.min(IDLE_BH_TIMEOUT_NS),
             _ => deadline,
+        }
+    }
+
+    /// QEMU's `try_poll_mode`: spins before a blocking wait (see the polling module). `timeout`
+    /// becomes 0 if the spin found work, or loses the time spent, keeping its deadline.
+    fn try_poll_mode(&self, timeout: &mut i64) -> polling::Spin {
+        let start = Instant::now();
+        let window = self.polling.window_ns();
+        let all_pollable = self.handlers.unpollable() == 0;
+        if *timeout == 0 || window == 0 || !(all_pollable || self.poller.shows_readiness()) {
+            return polling::Spin::idle(start);
+        }
+        self.poller.flush();
+        let max_ns = match u64::try_from(*timeout) {
+            Ok(t) => window.min(t),
+            Err(_) => window, // -1: no deadline
+        };
+        let pollable = self.handlers.pollable();
+        let found = polling::spin(
+            start,
+            max_ns,
+            || self.core.notified.load(Ordering::Relaxed),
+            &pollable,
+            &*self.poller,
+        );
+        if found.any {
+            *timeout = 0;
+            Counters::bump(&self.core.counters.poll_hits);
+        } else {
+            Counters::bump(&self.core.counters.poll_misses);
+            if *timeout > 0 {
+                let spent = start.elapsed().as_nanos().min(i64::MAX as u128) as i64;
+                *timeout -= spent.min(*timeout);
+            }
+        }
+        polling::Spin {
+            start,
+            // Every handler was asked, and a back end that shows readiness has nothing: no
+            // wait can find more than the spin did.
+            covered: found.any && !found.backend && all_pollable && !self.poller.has_pending(),
+            backend: found.backend,
+            tokens: found.tokens,
         }
     }
 

@@ -5,6 +5,11 @@
 //! end reports. Replacing or removing a handler installs new callback cells and marks the old
 //! ones removed, so a dispatch already holding the old cell skips it: once `set_fd_handler`
 //! returns on the loop's thread, the old callbacks are never called again.
+//!
+//! A read handler may come with an `io_poll` callback (QEMU's `io_poll`), which the busy-polling
+//! loop calls to ask "is there work?" without a system call. It lives in the read handler's cell,
+//! so it is replaced, retired and quiesced together with it, and the loop keeps a snapshot of
+//! the pollable handlers ([`Handlers::pollable`]) so that spinning takes no lock per round.
 
 use std::collections::HashMap;
 use std::io;
@@ -15,6 +20,7 @@ use parking_lot::Mutex;
 use slab::Slab;
 
 use crate::callback::{Call, CallbackCell, Handler};
+use crate::polling::PollHandler;
 use crate::sys::{Event, Interest, Poller, RawFd, SourceKind};
 
 /// The token of the context's own notifier; never a slab token (their low 32 bits are a slab key).
@@ -23,16 +29,56 @@ pub(crate) const NOTIFY_TOKEN: u64 = u64::MAX;
 pub(crate) struct HandlerCell {
     cb: CallbackCell,
     removed: AtomicBool,
+    /// The `io_poll` callback of a read handler.
+    poll: Option<PollCell>,
+}
+
+/// An `io_poll` callback, adapted to a [`CallbackCell`] (which gives it the same no-re-entry,
+/// quiesce and release rules as every other callback): the cell's closure records the answer in
+/// `ready`, which only the polling thread (the context lock's holder) writes and reads.
+struct PollCell {
+    cb: CallbackCell,
+    ready: Arc<AtomicBool>,
+}
+
+impl PollCell {
+    fn new(mut io_poll: PollHandler) -> PollCell {
+        let ready = Arc::new(AtomicBool::new(false));
+        let answer = ready.clone();
+        PollCell {
+            cb: CallbackCell::new(Box::new(move || answer.store(io_poll(), Ordering::Relaxed))),
+            ready,
+        }
+    }
 }
 
 impl HandlerCell {
     fn new(cb: Option<Handler>) -> Option<Arc<HandlerCell>> {
+        Self::with_poll(cb, None)
+    }
+
+    fn with_poll(cb: Option<Handler>, poll: Option<PollHandler>) -> Option<Arc<HandlerCell>> {
         cb.map(|cb| {
             Arc::new(HandlerCell {
                 cb: CallbackCell::new(cb),
                 removed: AtomicBool::new(false),
+                poll: poll.map(PollCell::new),
             })
         })
+    }
+
+    /// Runs the `io_poll` callback: true if it reports work. False if there is none, or the
+    /// handler was removed, or the callback is running further up the stack.
+    pub(crate) fn poll(&self) -> bool {
+        let Some(p) = &self.poll else {
+            return false;
+        };
+        p.cb.call_unless(|| self.removed.load(Ordering::Acquire)) == Call::Ran
+            && p.ready.load(Ordering::Relaxed)
+    }
+
+    fn has_poll(cell: &Option<Arc<HandlerCell>>) -> bool {
+        cell.as_ref().is_some_and(|c| c.poll.is_some())
     }
 
     /// Runs the callback unless it was removed or is running further up the stack.
@@ -43,6 +89,9 @@ impl HandlerCell {
     /// Waits until a call of this callback running on another thread has returned.
     pub(crate) fn quiesce(&self) {
         self.cb.quiesce();
+        if let Some(p) = &self.poll {
+            p.cb.quiesce();
+        }
     }
 }
 
@@ -66,11 +115,19 @@ struct Table {
     generation: u32,
 }
 
+/// The handlers that have an `io_poll` callback, as (token, read cell).
+pub(crate) type Pollable = Arc<[(u64, Arc<HandlerCell>)]>;
+
 /// The handlers of one context.
 pub(crate) struct Handlers {
     table: Mutex<Table>,
     /// Registered descriptors; when 0 and nothing asks to block, poll skips the wait syscall.
     count: AtomicUsize,
+    /// The handlers that have an `io_poll` callback: rebuilt (under the table lock) whenever
+    /// one is added, replaced or removed, and read by the polling loop.
+    pollable: Mutex<Pollable>,
+    /// `pollable.len()`, readable without the lock.
+    pollable_count: AtomicUsize,
 }
 
 /// Callbacks replaced by a registration; dropped by the caller after the table lock is released,
@@ -82,6 +139,8 @@ impl Handlers {
         Handlers {
             table: Mutex::new(Table::default()),
             count: AtomicUsize::new(0),
+            pollable: Mutex::new(Arc::new([])),
+            pollable_count: AtomicUsize::new(0),
         }
     }
 
@@ -89,8 +148,35 @@ impl Handlers {
         self.count.load(Ordering::Relaxed)
     }
 
+    /// Registered descriptors without an `io_poll` callback: while there are any, only a back
+    /// end that shows readiness in user space lets the loop spin (QEMU's `poll_disable_cnt`).
+    pub(crate) fn unpollable(&self) -> usize {
+        // Two relaxed loads may be momentarily inconsistent; a wrong answer only starts or skips
+        // one polling window, and registration notifies the loop, which ends a window.
+        self.count()
+            .saturating_sub(self.pollable_count.load(Ordering::Relaxed))
+    }
+
+    /// The handlers with an `io_poll` callback.
+    pub(crate) fn pollable(&self) -> Pollable {
+        self.pollable.lock().clone()
+    }
+
+    fn rebuild_pollable(&self, table: &Table) {
+        let list: Pollable = table
+            .entries
+            .iter()
+            .filter_map(|(key, e)| {
+                let read = e.read.as_ref().filter(|c| c.poll.is_some())?;
+                Some((e.token(key), read.clone()))
+            })
+            .collect();
+        self.pollable_count.store(list.len(), Ordering::Relaxed);
+        *self.pollable.lock() = list;
+    }
+
     /// Adds, replaces or (both `None`) removes the handlers of `fd`, a `kind` (which only matters
-    /// when it is first added).
+    /// when it is first added). `poll` goes with `read`, which it requires.
     pub(crate) fn set(
         &self,
         poller: &dyn Poller,
@@ -98,7 +184,14 @@ impl Handlers {
         kind: SourceKind,
         read: Option<Handler>,
         write: Option<Handler>,
+        poll: Option<PollHandler>,
     ) -> io::Result<Retired> {
+        if poll.is_some() && read.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an io_poll callback needs an io_read callback: it runs when io_poll reports work",
+            ));
+        }
         let interest = Interest {
             read: read.is_some(),
             write: write.is_some(),
@@ -106,6 +199,8 @@ impl Handlers {
         let mut retired = Vec::new();
         let mut table = self.table.lock();
         let existing = table.by_fd.get(&fd).copied();
+        let pollable_changed = poll.is_some()
+            || existing.is_some_and(|key| HandlerCell::has_poll(&table.entries[key].read));
         match existing {
             None if interest.is_empty() => {}
             None => {
@@ -116,7 +211,7 @@ impl Handlers {
                 let new = Entry {
                     fd,
                     generation,
-                    read: HandlerCell::new(read),
+                    read: HandlerCell::with_poll(read, poll),
                     write: HandlerCell::new(write),
                 };
                 poller.add(fd, kind, new.token(key), interest)?;
@@ -141,10 +236,14 @@ impl Handlers {
                 if old_interest != interest {
                     poller.modify(fd, entry.token(key), interest)?;
                 }
-                let old_read = std::mem::replace(&mut entry.read, HandlerCell::new(read));
+                let old_read =
+                    std::mem::replace(&mut entry.read, HandlerCell::with_poll(read, poll));
                 let old_write = std::mem::replace(&mut entry.write, HandlerCell::new(write));
                 retired.extend(old_read.into_iter().chain(old_write));
             }
+        }
+        if pollable_changed {
+            self.rebuild_pollable(&table);
         }
         drop(table);
         for cell in &retired {
@@ -194,6 +293,7 @@ impl Handlers {
         let entries = std::mem::take(&mut table.entries);
         table.by_fd.clear();
         self.count.store(0, Ordering::Relaxed);
+        self.rebuild_pollable(&table);
         drop(table);
         let mut callbacks = Vec::new();
         for (_, entry) in entries {
@@ -201,6 +301,7 @@ impl Handlers {
             for cell in entry.read.into_iter().chain(entry.write) {
                 cell.removed.store(true, Ordering::Release);
                 callbacks.extend(cell.cb.release());
+                callbacks.extend(cell.poll.as_ref().and_then(|p| p.cb.release()));
             }
         }
         callbacks

@@ -233,7 +233,9 @@ fn start_loop(sys: System, probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::A
             });
             (Arc::new(move || ping.ping()), Box::new(lp))
         }
-        System::Mio | System::Glib => unreachable!("{sys} does not take part"),
+        System::Mio | System::Glib | System::AioctxPoll | System::Spin => {
+            unreachable!("{sys} does not take part")
+        }
     }
 }
 

@@ -19,6 +19,8 @@ mod eventfd;
 mod poll;
 #[cfg(unix)]
 mod unix;
+#[cfg(target_os = "linux")]
+mod uring;
 
 #[cfg(windows)]
 mod win_event;
@@ -83,6 +85,17 @@ pub(crate) struct Event {
 pub(crate) trait Poller: Send + Sync {
     /// Starts monitoring `fd`, which is a `kind`; events for it carry `token`.
     fn add(&self, fd: RawFd, kind: SourceKind, token: u64, interest: Interest) -> io::Result<()>;
+    /// Starts monitoring the context's own wake-up notifier for reading. The context writes it
+    /// only after a false-to-true swap of its `kicked` flag and drains it before clearing the
+    /// flag, so no write ever lands between a report and the drain: a back end may watch it
+    /// edge-triggered (io_uring's multishot poll) where a user descriptor needs a level check.
+    fn add_wakeup(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let read = Interest {
+            read: true,
+            write: false,
+        };
+        self.add(fd, SourceKind::Notifier, token, read)
+    }
     /// Changes the interest or token of a monitored `fd`.
     fn modify(&self, fd: RawFd, token: u64, interest: Interest) -> io::Result<()>;
     /// Stops monitoring `fd`.
@@ -94,11 +107,29 @@ pub(crate) trait Poller: Send + Sync {
     /// A descriptor that is readable whenever a wait would report something, for outer loops.
     #[cfg(unix)]
     fn outer_fd(&self) -> RawFd;
+
+    /// Whether [`has_pending`](Poller::has_pending) can see readiness without a system call
+    /// (io_uring's completion ring). If not, busy-polling must not spin while some handler lacks
+    /// an `io_poll` callback, or its descriptor would wait for the end of every window.
+    fn shows_readiness(&self) -> bool {
+        false
+    }
+
+    /// Without a system call: whether a wait with timeout 0 would report something now. Only
+    /// meaningful when [`shows_readiness`](Poller::shows_readiness); false otherwise.
+    fn has_pending(&self) -> bool {
+        false
+    }
+
+    /// Hands queued registration changes to the kernel, so that what the back end shows (to
+    /// `has_pending`, or to an outer loop through `outer_fd`) is current. Back ends that apply
+    /// changes at once have nothing to do.
+    fn flush(&self) {}
 }
 
 /// The back ends a context can use.
 ///
-/// `AIOCTX_BACKEND=epoll|poll|windows` picks one for every context built without an explicit
+/// `AIOCTX_BACKEND=epoll|io_uring|poll|windows` picks one for every context built without an explicit
 /// choice. Every variant exists on every platform; building a context with one that this platform
 /// lacks fails with [`io::ErrorKind::Unsupported`] (see [`Backend::available`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -108,6 +139,13 @@ pub enum Backend {
     Epoll,
     /// Portable poll(2): the whole descriptor set is passed to the kernel on every wait.
     Poll,
+    /// Linux io_uring (5.11+): one-shot `POLL_ADD` requests re-armed after each completion
+    /// (multishot for the context's own notifier), readiness visible in user space, so that
+    /// busy-polling also covers handlers without `io_poll`. Where io_uring is missing or
+    /// forbidden (seccomp, the `kernel.io_uring_disabled` sysctl), choosing it with
+    /// [`Builder::backend`](crate::Builder::backend) fails; choosing it with `AIOCTX_BACKEND`
+    /// falls back to epoll (and [`AioContext::backend`](crate::AioContext::backend) says so).
+    IoUring,
     /// Windows (the only back end there): event objects waited on, sockets checked with
     /// `WSAPoll` and woken through `WSAEventSelect`; no limit of 64 handles or sockets.
     Windows,
@@ -122,25 +160,30 @@ impl Backend {
         return Backend::Windows;
     }
 
-    /// The back ends this platform has, the default first.
+    /// The back ends this platform has, the default first. io_uring is listed on Linux, where the
+    /// kernel may still refuse it at run time.
     pub const fn available() -> &'static [Backend] {
-        #[cfg(unix)]
+        #[cfg(target_os = "linux")]
+        return &[Backend::Epoll, Backend::IoUring, Backend::Poll];
+        #[cfg(all(unix, not(target_os = "linux")))]
         return &[Backend::Epoll, Backend::Poll];
         #[cfg(windows)]
         return &[Backend::Windows];
     }
 
-    /// The back end named `name` (`"epoll"`, `"poll"` or `"windows"`), case-insensitively.
+    /// The back end named `name` (`"epoll"`, `"io_uring"`, `"poll"` or `"windows"`),
+    /// case-insensitively.
     /// Naming one this platform lacks is not an error here, but building a context with it is.
     pub fn from_name(name: &str) -> io::Result<Backend> {
         match name.trim().to_ascii_lowercase().as_str() {
             "epoll" => Ok(Backend::Epoll),
+            "io_uring" | "io-uring" | "iouring" => Ok(Backend::IoUring),
             "poll" => Ok(Backend::Poll),
             "windows" => Ok(Backend::Windows),
             other => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "unknown aioctx backend {other:?}: expected \"epoll\", \"poll\" or \"windows\""
+                    "unknown aioctx backend {other:?}: expected \"epoll\", \"io_uring\", \"poll\" or \"windows\""
                 ),
             )),
         }
@@ -151,6 +194,7 @@ impl Backend {
         match self {
             Backend::Epoll => "epoll",
             Backend::Poll => "poll",
+            Backend::IoUring => "io_uring",
             Backend::Windows => "windows",
         }
     }
@@ -163,6 +207,8 @@ pub(crate) fn new_poller(kind: Backend) -> io::Result<Box<dyn Poller>> {
         Backend::Epoll => Ok(Box::new(epoll::Epoll::new()?)),
         #[cfg(unix)]
         Backend::Poll => Ok(Box::new(poll::Poll::new()?)),
+        #[cfg(target_os = "linux")]
+        Backend::IoUring => Ok(Box::new(uring::IoUringPoller::new()?)),
         #[cfg(windows)]
         Backend::Windows => Ok(Box::new(windows::Win32Poller::new()?)),
         other => Err(io::Error::new(
@@ -173,6 +219,30 @@ pub(crate) fn new_poller(kind: Backend) -> io::Result<Box<dyn Poller>> {
                 Backend::available()
             ),
         )),
+    }
+}
+
+/// Builds `backend`, or, when io_uring was not chosen `explicitly` (it came from
+/// `AIOCTX_BACKEND`) and the kernel refuses it, epoll. Returns the back end built.
+pub(crate) fn open(backend: Backend, explicitly: bool) -> io::Result<(Backend, Box<dyn Poller>)> {
+    open_with(backend, explicitly, new_poller)
+}
+
+fn open_with(
+    backend: Backend,
+    explicitly: bool,
+    build: impl Fn(Backend) -> io::Result<Box<dyn Poller>>,
+) -> io::Result<(Backend, Box<dyn Poller>)> {
+    match build(backend) {
+        Ok(poller) => Ok((backend, poller)),
+        Err(err) if backend == Backend::IoUring && !explicitly => {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                eprintln!("aioctx: AIOCTX_BACKEND=io_uring: {err}; using epoll instead");
+            });
+            Ok((Backend::Epoll, build(Backend::Epoll)?))
+        }
+        Err(err) => Err(err),
     }
 }
 
@@ -214,19 +284,70 @@ mod tests {
     fn backend_names() {
         assert_eq!(Backend::from_name("EPOLL").unwrap(), Backend::Epoll);
         assert_eq!(Backend::from_name("poll").unwrap(), Backend::Poll);
+        assert_eq!(Backend::from_name("io_uring").unwrap(), Backend::IoUring);
+        assert_eq!(Backend::from_name("IO-URING").unwrap(), Backend::IoUring);
+        assert_eq!(Backend::IoUring.name(), "io_uring");
         assert_eq!(Backend::from_name(" Windows").unwrap(), Backend::Windows);
         let err = Backend::from_name("kqueue").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert!(err.to_string().contains("kqueue"));
     }
 
+    struct Dummy;
+    impl Poller for Dummy {
+        fn add(&self, _: RawFd, _: SourceKind, _: u64, _: Interest) -> io::Result<()> {
+            Ok(())
+        }
+        fn modify(&self, _: RawFd, _: u64, _: Interest) -> io::Result<()> {
+            Ok(())
+        }
+        fn delete(&self, _: RawFd) -> io::Result<()> {
+            Ok(())
+        }
+        fn wait(&self, _: &mut Vec<Event>, _: i64) -> io::Result<()> {
+            Ok(())
+        }
+        #[cfg(unix)]
+        fn outer_fd(&self) -> RawFd {
+            -1
+        }
+    }
+
+    /// A kernel that refuses io_uring (as `kernel.io_uring_disabled=2` or seccomp do).
+    fn refusing_io_uring(b: Backend) -> io::Result<Box<dyn Poller>> {
+        match b {
+            Backend::IoUring => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
+            _ => Ok(Box::new(Dummy)),
+        }
+    }
+
+    #[test]
+    fn io_uring_falls_back_to_epoll_only_when_chosen_implicitly() {
+        let (b, _) = open_with(Backend::IoUring, false, refusing_io_uring).unwrap();
+        assert_eq!(b, Backend::Epoll);
+        let err = open_with(Backend::IoUring, true, refusing_io_uring)
+            .err()
+            .expect("an explicit choice fails");
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        let (b, _) = open_with(Backend::Poll, false, refusing_io_uring).unwrap();
+        assert_eq!(b, Backend::Poll);
+    }
+
     #[test]
     fn only_this_platforms_backends_build() {
         let available = Backend::available();
         assert_eq!(available[0], Backend::platform_default());
-        for b in [Backend::Epoll, Backend::Poll, Backend::Windows] {
+        for b in [
+            Backend::Epoll,
+            Backend::Poll,
+            Backend::Windows,
+            Backend::IoUring,
+        ] {
             match new_poller(b) {
                 Ok(_) => assert!(available.contains(&b), "{b:?} built"),
+                Err(e) if b == Backend::IoUring && available.contains(&b) => {
+                    eprintln!("SKIPPED: io_uring is listed but refused by this kernel: {e}");
+                }
                 Err(e) => {
                     assert!(!available.contains(&b), "{b:?}: {e}");
                     assert_eq!(e.kind(), io::ErrorKind::Unsupported);
