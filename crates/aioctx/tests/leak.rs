@@ -5,9 +5,10 @@
 //! harmless.
 //!
 //! A counting global allocator checks that the heap returns to its baseline, and the process's
-//! descriptor count (/proc/self/fd; on Windows its kernel handle count) that none leaks. This binary holds a single #[test], and the allocator counts only
-//! the test's own thread (the scenario spawns no thread), so the watchdog's and the harness's
-//! threads, which start and allocate at unpredictable times, cannot disturb the count.
+//! descriptor count (/proc/self/fd; on Windows its kernel handle count) that none leaks. This
+//! binary holds a single #[test], and the allocator counts only the test's own thread (the
+//! scenario spawns no thread), so the watchdog's and the harness's threads, which start and
+//! allocate at unpredictable times, cannot disturb the count.
 
 mod common;
 

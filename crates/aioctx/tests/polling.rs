@@ -11,8 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 
 use aioctx::{AioContext, ClockType, EventNotifier, PollHandler, PollParams, SCALE_NS};
-#[cfg(unix)]
-use common::pipe;
+use common::net::{read_available, tcp_pair, write_now, AsRaw};
 use common::{handler, watchdog};
 
 const HOUR_NS: u64 = 3_600_000_000_000;
@@ -362,18 +361,12 @@ fn long_block_shrinks_window() {
 }
 
 /// io_poll without io_read is refused.
-#[cfg(unix)]
 #[test]
 fn io_poll_needs_io_read() {
     let ctx = AioContext::new().unwrap();
-    let (r, _w) = pipe();
+    let (r, _w) = tcp_pair();
     let err = ctx
-        .set_fd_handler_poll(
-            std::os::fd::AsRawFd::as_raw_fd(&r),
-            None,
-            handler(|| {}),
-            Some(Box::new(|| false)),
-        )
+        .set_fd_handler_poll(r.raw(), None, handler(|| {}), Some(Box::new(|| false)))
         .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(ctx.registered_fds().is_empty());
@@ -385,14 +378,14 @@ fn io_poll_needs_io_read() {
 fn unpollable_handler_disables_spinning_except_on_io_uring() {
     let _w = watchdog("unpollable_handler_disables_spinning_except_on_io_uring");
     let ctx = polling_ctx(0);
-    let (r, w) = pipe();
-    let rfd = std::os::fd::AsRawFd::as_raw_fd(&r);
+    let (mut r, mut w) = tcp_pair();
+    let rfd = r.raw();
     let reads = Arc::new(AtomicUsize::new(0));
     let n = reads.clone();
     ctx.set_fd_handler(
         rfd,
         handler(move || {
-            common::drain_fd(rfd);
+            read_available(&mut r);
             n.fetch_add(1, Ordering::SeqCst);
         }),
         None,
@@ -407,7 +400,7 @@ fn unpollable_handler_disables_spinning_except_on_io_uring() {
     assert_eq!(spun, shows_readiness, "{:?}: {after:?}", ctx.backend());
 
     // And the fd is served either way.
-    common::write_fd(std::os::fd::AsRawFd::as_raw_fd(&w), b"x").unwrap();
+    write_now(&mut w, b"x");
     while reads.load(Ordering::SeqCst) == 0 {
         ctx.poll(true);
     }
