@@ -143,7 +143,7 @@ pub(crate) struct Inner {
     /// Events collected by `pending` for the next `dispatch` (outer-loop driving).
     stashed: Mutex<Option<(u64, Vec<Event>)>>,
     /// Spare event buffers, so polls do not allocate.
-    buffers: Mutex<Vec<Vec<Event>>>,
+    buffers: OwnerOnly<Vec<Vec<Event>>>,
     /// The worker pool, created on first use (QEMU's `aio_get_thread_pool`).
     pool: OnceLock<Arc<PoolShared>>,
     pool_config: PoolConfig,
@@ -340,7 +340,7 @@ impl Builder {
                 home: AtomicUsize::new(0),
                 wait_epoch: AtomicU64::new(0),
                 stashed: Mutex::new(None),
-                buffers: Mutex::new(Vec::new()),
+                buffers: OwnerOnly::new(Vec::new()),
                 pool: OnceLock::new(),
                 pool_config: self.pool,
                 polling: Polling::new(poll),
@@ -814,7 +814,10 @@ impl Inner {
             // Only now may another notify write again (see the module docs).
             self.core.kicked.store(false, Ordering::Release);
         }
-        self.wait_epoch.fetch_add(1, Ordering::Relaxed) + 1
+        // Only the lock holder writes it: no read-modify-write needed.
+        let epoch = self.wait_epoch.load(Ordering::Relaxed) + 1;
+        self.wait_epoch.store(epoch, Ordering::Relaxed);
+        epoch
     }
 
     /// QEMU's `aio_bh_poll`: runs the BHs scheduled before this call. Caller holds the lock.
@@ -848,12 +851,14 @@ impl Inner {
     }
 
     fn take_buffer(&self) -> Vec<Event> {
-        self.buffers.lock().pop().unwrap_or_default()
+        self.buffers
+            .with(&self.core.lock, |spare| spare.pop())
+            .unwrap_or_default()
     }
 
     fn give_buffer(&self, mut buf: Vec<Event>) {
         buf.clear();
-        self.buffers.lock().push(buf);
+        self.buffers.with(&self.core.lock, |spare| spare.push(buf));
     }
 }
 
