@@ -7,8 +7,9 @@
 //! output queue and sent with `writev`, many per system call.
 //!
 //! Requests run concurrently: reads are first tried on the loop thread with
-//! `RWF_NOWAIT` (page-cache hits finish at once); everything that may block
-//! goes to the context's thread pool, and its completion, which runs back on
+//! `RWF_NOWAIT` (page-cache hits finish at once), small non-FUA writes are
+//! written into the page cache inline ([`Export::write_inline`]);
+//! everything that may block goes to the context's thread pool, and its completion, which runs back on
 //! the loop thread, queues the reply. Replies therefore leave in completion
 //! order, not request order, which the protocol allows.
 //!
@@ -839,8 +840,10 @@ impl Conn {
     fn start_write(&mut self, req: Request, fua: bool, buf: Vec<u8>) {
         let export = self.export.clone();
         let offset = req.offset;
-        // Like reads, try to finish in the page cache without blocking;
-        // FUA writes always wait for the disk, so they go to a worker.
+        // Like reads, try to finish in the page cache without blocking
+        // (RWF_NOWAIT where the file system has it, else the inline-write
+        // heuristic); FUA writes always wait for the disk, so they go to a
+        // worker.
         let done = if fua || buf.is_empty() {
             0
         } else {
@@ -848,6 +851,11 @@ impl Conn {
         };
         if done == buf.len() {
             return self.complete(req, Outcome::Done);
+        }
+        if done == 0 && !fua {
+            if let Some(res) = export.write_inline(&buf, offset) {
+                return self.complete(req, Outcome::from_io(res));
+            }
         }
         self.offload(req, move || {
             Outcome::from_io(export.write_at(&buf[done..], offset + done as u64, fua))

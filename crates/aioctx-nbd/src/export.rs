@@ -9,7 +9,8 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
@@ -24,7 +25,21 @@ pub struct Export {
     read_only: bool,
     /// Cleared once the file system turns down `RWF_NOWAIT` writes.
     nowait_writes: AtomicBool,
+    /// Inline writes are declined until this instant (ns since `epoch`),
+    /// set when one took long enough to show it blocked.
+    inline_writes_after: AtomicU64,
+    epoch: Instant,
 }
+
+/// Largest write [`Export::write_inline`] takes: the page cache absorbs
+/// it in a few microseconds; bigger ones are worth a worker.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
+/// An inline write slower than this has blocked (dirty-page throttling,
+/// most likely) ...
+const INLINE_WRITE_SLOW: Duration = Duration::from_millis(1);
+/// ... and writes go to workers for this long before inlining is tried
+/// again.
+const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Why a write-zeroes request failed.
 #[derive(Debug)]
@@ -45,6 +60,8 @@ impl Export {
             size,
             read_only,
             nowait_writes: AtomicBool::new(!read_only),
+            inline_writes_after: AtomicU64::new(0),
+            epoch: Instant::now(),
         })
     }
 
@@ -71,6 +88,8 @@ impl Export {
                             size,
                             read_only: false,
                             nowait_writes: AtomicBool::new(true),
+                            inline_writes_after: AtomicU64::new(0),
+                            epoch: Instant::now(),
                         },
                         path,
                     ));
@@ -133,6 +152,44 @@ impl Export {
                 0
             }
         }
+    }
+
+    /// Writes `buf` at `offset` on the calling (event-loop) thread when the
+    /// write will very likely just copy into the page cache; `None` means
+    /// "declined, use a worker".
+    ///
+    /// `RWF_NOWAIT` would say so exactly, but ext4 refuses it for buffered
+    /// writes, and a hop to the thread pool costs more than the copy (two
+    /// thread wake-ups per request on a small machine). So small,
+    /// page-aligned writes (no read-modify-write of a partial page) are
+    /// written inline with a plain `pwrite`. That can still block, when the
+    /// kernel throttles a writer with too many dirty pages; a write that
+    /// took over [`INLINE_WRITE_SLOW`] sends writes to the workers for
+    /// [`INLINE_WRITE_BACKOFF`], so a slow disk costs the loop at most one
+    /// stall per backoff period. Not for FUA writes (those wait for the
+    /// disk). The write is complete when this returns, so a later flush
+    /// covers it like any other.
+    pub fn write_inline(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        const PAGE: u64 = 4096;
+        if buf.is_empty()
+            || buf.len() > INLINE_WRITE_MAX
+            || !offset.is_multiple_of(PAGE)
+            || !(buf.len() as u64).is_multiple_of(PAGE)
+        {
+            return None;
+        }
+        let start = self.epoch.elapsed();
+        let now_ns = start.as_nanos() as u64;
+        if now_ns < self.inline_writes_after.load(Ordering::Relaxed) {
+            return None;
+        }
+        let res = self.write_at(buf, offset, false);
+        let took = self.epoch.elapsed() - start;
+        if took > INLINE_WRITE_SLOW {
+            let until = now_ns + (took + INLINE_WRITE_BACKOFF).as_nanos() as u64;
+            self.inline_writes_after.store(until, Ordering::Relaxed);
+        }
+        Some(res)
     }
 
     /// Fills `buf` from `offset`. Bytes past the end of the file read as
@@ -350,6 +407,21 @@ mod tests {
         let mut buf2 = vec![0u8; 4096];
         let n = e.read_nowait(&mut buf2, 8192);
         assert!(buf2[..n].iter().all(|&b| b == 7));
+    }
+
+    #[test]
+    fn inline_writes_only_small_and_aligned() {
+        let e = tmp();
+        assert!(e.write_inline(&[3u8; 4096], 4096).unwrap().is_ok());
+        let mut buf = vec![0u8; 4096];
+        e.read_at(&mut buf, 4096).unwrap();
+        assert!(buf.iter().all(|&b| b == 3));
+        // Partial pages and large writes are left to a worker.
+        assert!(e.write_inline(&[3u8; 512], 4096).is_none());
+        assert!(e.write_inline(&[3u8; 4096], 512).is_none());
+        assert!(e
+            .write_inline(&vec![3u8; 2 * INLINE_WRITE_MAX], 0)
+            .is_none());
     }
 
     #[test]
