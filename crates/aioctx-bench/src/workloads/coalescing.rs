@@ -62,6 +62,12 @@ pub fn run(scale: Scale, report: &mut Report) {
          loop sleeps = loop thread voluntary_ctxt_switches delta (upper bound)"
     ));
     for (sys, st) in &stats {
+        if let Some(exact) = st.exact_ratio() {
+            report.notes.push(format!(
+                "  {:<8} exact, from AioContext::stats(): eventfd writes per announced sleep {exact:.2} (median over rounds)",
+                sys.name()
+            ));
+        }
         let runs = median_u64(st.runs.lock().unwrap().clone());
         let writes = median_u64(st.writes.lock().unwrap().clone());
         let sleeps = median_u64(st.sleeps.lock().unwrap().clone());
@@ -86,7 +92,28 @@ struct Stats {
     runs: std::sync::Mutex<Vec<u64>>,
     writes: std::sync::Mutex<Vec<u64>>,
     sleeps: std::sync::Mutex<Vec<u64>>,
+    /// aioctx only: (eventfd writes, blocking waits) per round, from `AioContext::stats()`.
+    exact: std::sync::Mutex<Vec<(u64, u64)>>,
 }
+
+impl Stats {
+    /// The median over rounds of eventfd writes per blocking wait, where the system counts both.
+    fn exact_ratio(&self) -> Option<f64> {
+        let rounds = self.exact.lock().unwrap();
+        if rounds.is_empty() {
+            return None;
+        }
+        let mut ratios: Vec<f64> = rounds
+            .iter()
+            .map(|&(w, s)| w as f64 / s.max(1) as f64)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        Some(ratios[ratios.len() / 2])
+    }
+}
+
+/// Reads a loop's own (eventfd writes, blocking waits) counters, where it has them.
+type Counters = Option<Arc<dyn Fn() -> (u64, u64) + Send + Sync>>;
 
 /// What the loop's callback shares with the producers and the measurer.
 struct Probe {
@@ -133,18 +160,23 @@ fn contender(sys: System, total: u64, stats: Arc<Stats>) -> Contender<'static> {
         reply: Reply::new(),
         loop_tid: AtomicU64::new(0),
     });
-    let (schedule, keep) = start_loop(sys, probe.clone());
+    let (schedule, keep, counters) = start_loop(sys, probe.clone());
     // One schedule so the callback has run once and recorded the loop's tid.
     probe.scheduled.store(total, Ordering::SeqCst);
     schedule();
     probe.reply.wait();
     Contender::new(sys, move || {
         let _keep = &keep;
-        one_round(&probe, &schedule, &stats)
+        one_round(&probe, &schedule, &stats, &counters)
     })
 }
 
-fn one_round(probe: &Arc<Probe>, schedule: &Scheduler, stats: &Stats) -> Vec<f64> {
+fn one_round(
+    probe: &Arc<Probe>,
+    schedule: &Scheduler,
+    stats: &Stats,
+    counters: &Counters,
+) -> Vec<f64> {
     probe.scheduled.store(0, Ordering::SeqCst);
     probe.runs.store(0, Ordering::SeqCst);
     probe.finished.store(false, Ordering::SeqCst);
@@ -163,11 +195,16 @@ fn one_round(probe: &Arc<Probe>, schedule: &Scheduler, stats: &Stats) -> Vec<f64
         })
         .collect();
     let (w0, s0) = (syscw(), voluntary_switches(tid));
+    let exact0 = counters.as_ref().map(|c| c());
     start_gate.wait();
     let start = Instant::now();
     probe.reply.wait();
     let elapsed = start.elapsed();
     let (w1, s1) = (syscw(), voluntary_switches(tid));
+    if let (Some(c), Some((ew0, es0))) = (counters, exact0) {
+        let (ew1, es1) = c();
+        stats.exact.lock().unwrap().push((ew1 - ew0, es1 - es0));
+    }
     for p in producers {
         p.join().expect("producer panicked");
     }
@@ -185,13 +222,13 @@ fn one_round(probe: &Arc<Probe>, schedule: &Scheduler, stats: &Stats) -> Vec<f64
 type Scheduler = Arc<dyn Fn() + Send + Sync>;
 
 /// Starts `sys`'s loop with `probe.on_run` as the coalesced callback.
-fn start_loop(sys: System, probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::Any>) {
+fn start_loop(sys: System, probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::Any>, Counters) {
     match sys {
         System::Aioctx => aioctx_loop(probe),
         System::Floor => {
             let lp = FloorLoop::start(move || probe.on_run()).expect("floor loop");
             let h = lp.handle();
-            (Arc::new(move || h.ping()), Box::new(lp))
+            (Arc::new(move || h.ping()), Box::new(lp), None)
         }
         System::Tokio => {
             let notify = Arc::new(tokio::sync::Notify::new());
@@ -215,7 +252,7 @@ fn start_loop(sys: System, probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::A
             let lp = lp.stop_with(move || {
                 let _ = stop_tx.send(());
             });
-            (Arc::new(move || notify.notify_one()), Box::new(lp))
+            (Arc::new(move || notify.notify_one()), Box::new(lp), None)
         }
         System::Calloop => {
             let ((ping, signal), lp) = LoopThread::spawn("calloop-loop", move |tx| {
@@ -231,7 +268,7 @@ fn start_loop(sys: System, probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::A
                 signal.stop();
                 signal.wakeup();
             });
-            (Arc::new(move || ping.ping()), Box::new(lp))
+            (Arc::new(move || ping.ping()), Box::new(lp), None)
         }
         System::Mio | System::Glib | System::AioctxPoll | System::Spin => {
             unreachable!("{sys} does not take part")
@@ -239,8 +276,13 @@ fn start_loop(sys: System, probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::A
     }
 }
 
-fn aioctx_loop(probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::Any>) {
+fn aioctx_loop(probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::Any>, Counters) {
     let ctx = aioctx::AioContext::new().expect("aioctx");
+    let c = ctx.clone();
+    let counters: Counters = Some(Arc::new(move || {
+        let st = c.stats();
+        (st.notify_writes, st.blocking_waits)
+    }));
     let bh = ctx.bh_new(move || probe.on_run());
     let stop = Arc::new(AtomicBool::new(false));
     let (c, s) = (ctx.clone(), stop.clone());
@@ -254,7 +296,7 @@ fn aioctx_loop(probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::Any>) {
         stop.store(true, Ordering::SeqCst);
         ctx.notify();
     });
-    (Arc::new(move || bh.schedule()), Box::new(lp))
+    (Arc::new(move || bh.schedule()), Box::new(lp), counters)
 }
 
 /// The process's count of write(2)-family syscalls so far.
