@@ -284,18 +284,7 @@ fn aioctx_loop(probe: Arc<Probe>) -> (Scheduler, Box<dyn std::any::Any>, Counter
         (st.notify_writes, st.blocking_waits)
     }));
     let bh = ctx.bh_new(move || probe.on_run());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (c, s) = (ctx.clone(), stop.clone());
-    let ((), lp) = LoopThread::spawn("aioctx-loop", move |tx| {
-        tx.send(()).unwrap();
-        while !s.load(Ordering::SeqCst) {
-            c.poll(true);
-        }
-    });
-    let lp = lp.stop_with(move || {
-        stop.store(true, Ordering::SeqCst);
-        ctx.notify();
-    });
+    let ((), lp) = LoopThread::spawn_aioctx(&ctx, || ());
     (Arc::new(move || bh.schedule()), Box::new(lp), counters)
 }
 

@@ -190,19 +190,7 @@ impl AioctxTarget {
             .poll_max_ns(poll_max_ns)
             .build()
             .expect("aioctx");
-        let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (ctx.clone(), stop.clone());
-        let (clock, lp) = LoopThread::spawn("aioctx-loop", move |tx| {
-            tx.send(current_thread_cpu_clock()).unwrap();
-            while !s.load(Ordering::SeqCst) {
-                c.poll(true);
-            }
-        });
-        let c = ctx.clone();
-        let lp = lp.stop_with(move || {
-            stop.store(true, Ordering::SeqCst);
-            c.notify();
-        });
+        let (clock, lp) = LoopThread::spawn_aioctx(&ctx, current_thread_cpu_clock);
         AioctxTarget {
             ctx,
             clock,
@@ -334,19 +322,7 @@ fn round_trips(n: u64, post: &dyn Fn(Arc<Reply>)) -> Vec<f64> {
 
 fn aioctx(n: u64) -> Contender<'static> {
     let ctx = AioContext::new().expect("aioctx");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (c, s) = (ctx.clone(), stop.clone());
-    let ((), lp) = LoopThread::spawn("aioctx-loop", move |tx| {
-        tx.send(()).unwrap();
-        while !s.load(Ordering::SeqCst) {
-            c.poll(true);
-        }
-    });
-    let c = ctx.clone();
-    let lp = lp.stop_with(move || {
-        stop.store(true, Ordering::SeqCst);
-        c.notify();
-    });
+    let ((), lp) = LoopThread::spawn_aioctx(&ctx, || ());
     Contender::new(System::Aioctx, move || {
         let _keep = &lp;
         round_trips(n, &|r| ctx.bh_schedule_oneshot(move || r.signal()))

@@ -5,7 +5,8 @@
 //! runs them interleaved through [`harness::run`](crate::harness::run) and
 //! appends the rows (and any side statistics) to the [`Report`].
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use crate::harness::{Row, Scale};
@@ -125,6 +126,28 @@ impl LoopThread {
     pub fn stop_with(mut self, stop: impl FnOnce() + 'static) -> LoopThread {
         self.stop = Some(Box::new(stop));
         self
+    }
+
+    /// A thread running `ctx.poll(true)` until the returned handle is dropped; `first` runs on
+    /// that thread before the loop starts, and its value is returned.
+    pub fn spawn_aioctx<T: Send + 'static>(
+        ctx: &aioctx::AioContext,
+        first: impl FnOnce() -> T + Send + 'static,
+    ) -> (T, LoopThread) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (ctx.clone(), stop.clone());
+        let (value, lp) = LoopThread::spawn("aioctx-loop", move |tx| {
+            tx.send(first()).unwrap();
+            while !s.load(Ordering::SeqCst) {
+                c.poll(true);
+            }
+        });
+        let c = ctx.clone();
+        let lp = lp.stop_with(move || {
+            stop.store(true, Ordering::SeqCst);
+            c.notify();
+        });
+        (value, lp)
     }
 }
 
