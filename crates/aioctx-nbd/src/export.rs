@@ -164,8 +164,8 @@ impl Export {
     /// page-aligned writes (no read-modify-write of a partial page) are
     /// written inline with a plain `pwrite`. That can still block, when the
     /// kernel throttles a writer with too many dirty pages; a write that
-    /// took over [`INLINE_WRITE_SLOW`] sends writes to the workers for
-    /// [`INLINE_WRITE_BACKOFF`], so a slow disk costs the loop at most one
+    /// took over `INLINE_WRITE_SLOW` (1 ms) sends writes to the workers for
+    /// `INLINE_WRITE_BACKOFF` (100 ms), so a slow disk costs the loop at most one
     /// stall per backoff period. Not for FUA writes (those wait for the
     /// disk). The write is complete when this returns, so a later flush
     /// covers it like any other.
