@@ -565,3 +565,54 @@ fn bh_removes_ready_handler_and_timer() {
     assert_eq!((nh.get(), nt.get()), (0, 0));
     assert!(ctx.registered_fds().is_empty());
 }
+
+/// Deleting a BH from another thread while its callback runs on the loop waits for the callback
+/// to return: once `delete` returns, the callback is neither running nor ever called again.
+/// The callback keeps running for a while after the deleter announces itself, so a `delete`
+/// that did not wait would return first and see `finished == false`.
+#[test]
+fn delete_from_another_thread_waits_for_the_running_callback() {
+    let _w = watchdog("delete_from_another_thread_waits_for_the_running_callback");
+    let ctx = ctx();
+    let deleting = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicBool::new(false));
+    let runs = Counter::new();
+    let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+    let (d, f, c) = (deleting.clone(), finished.clone(), runs.clone());
+    let bh = ctx.bh_new(move || {
+        c.hit();
+        let _ = entered_tx.send(());
+        while !d.load(Ordering::SeqCst) {
+            std::hint::spin_loop();
+        }
+        // Stay busy well after the deleter has called delete.
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(20);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        f.store(true, Ordering::SeqCst);
+    });
+    bh.schedule();
+    let c2 = ctx.clone();
+    let looper = std::thread::spawn(move || {
+        c2.poll(true);
+    });
+    entered_rx.recv().unwrap();
+    let bh = Arc::new(Mutex::new(Some(bh)));
+    let deleter = {
+        let (bh, deleting, finished) = (bh.clone(), deleting.clone(), finished.clone());
+        std::thread::spawn(move || {
+            let doomed = bh.lock().unwrap().take().unwrap();
+            deleting.store(true, Ordering::SeqCst);
+            doomed.delete();
+            finished.load(Ordering::SeqCst)
+        })
+    };
+    assert!(
+        deleter.join().unwrap(),
+        "delete returned while the callback was running"
+    );
+    looper.join().unwrap();
+    assert!(!ctx.poll(false));
+    assert_eq!(runs.get(), 1);
+}
