@@ -428,11 +428,16 @@ impl AioContext {
     /// removes the handlers; setting them again replaces both. The context does not own `fd`:
     /// remove the handlers before closing it.
     ///
+    /// Once this returns, replaced or removed callbacks are neither running nor ever called
+    /// again: called from another thread while the loop runs one of them, it waits for that call
+    /// to return (so do not hold a lock that the callback takes).
+    ///
+    /// Errors are the kernel's error kinds, with the failing call named in the message: for
+    /// example epoll refuses regular files (`PermissionDenied`); use the `Poll` back end for
+    /// those. Windows refuses anything but a socket (`WSAENOTSOCK`).
+    ///
     /// On Windows `fd` is a socket (a `RawSocket`), and registering it switches it to
     /// non-blocking mode for good (`WSAEventSelect` does, as in QEMU).
-    ///
-    /// Errors are the kernel's: for example, epoll refuses regular files (`EPERM`); use the
-    /// `Poll` back end for those. Windows refuses anything but a socket (`WSAENOTSOCK`).
     pub fn set_fd_handler(
         &self,
         fd: RawFd,
