@@ -654,13 +654,23 @@ impl AioContext {
     /// [`dispatch`](Self::dispatch). Windows has no such single handle yet: an outer loop there
     /// can only wait for the timeout (bounded, say, to a few ms) before `pending`.
     pub fn prepare(&self) -> bool {
+        self.prepare_timeout() == 0
+    }
+
+    /// [`prepare`](Self::prepare) that also returns how long the outer loop may block, in ns
+    /// (0: callbacks are ready now; -1: no limit), so an outer loop needs one call, not two.
+    pub fn prepare_timeout(&self) -> i64 {
         let _guard = self.acquire();
         let core = &*self.inner.core;
         // The outer loop will wait on `outer_fd`: it must reflect every registration.
         self.inner.poller.flush();
         core.notify_me.fetch_or(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
-        core.notified.load(Ordering::Relaxed) || self.inner.compute_timeout() == 0
+        if core.notified.load(Ordering::Relaxed) {
+            0
+        } else {
+            self.inner.compute_timeout()
+        }
     }
 
     /// Checks for work after an outer loop's wait (QEMU's `aio_ctx_check`): true if a BH is

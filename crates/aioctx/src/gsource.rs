@@ -8,7 +8,7 @@
 //!
 //! * `prepare` announces the wait (sets `notify_me` bit 0, so that a BH scheduled or a notify
 //!   made from another thread writes the context's eventfd and so makes the descriptor
-//!   readable), and gives GLib [`AioContext::compute_timeout`] rounded up to milliseconds, 0 and
+//!   readable), and gives GLib [`AioContext::prepare_timeout`] rounded up to milliseconds, 0 and
 //!   "ready" if work is pending already;
 //! * `check` ends the wait and reports a scheduled BH, a ready handler or an expired timer;
 //! * `dispatch` runs them. GLib also dispatches a source whose descriptor polled readable when
@@ -136,12 +136,9 @@ unsafe fn context<'a>(source: *mut ffi::GSource) -> &'a AioContext {
 /// What `prepare` tells GLib: whether the source is ready now, and how long GLib may block in
 /// milliseconds (-1: no limit).
 fn prepare(ctx: &AioContext) -> (bool, c_int) {
-    // Announce the wait before computing the timeout, so that work scheduled from now on
+    // Announces the wait before computing the timeout, so that work scheduled from now on
     // wakes GLib's poll through the descriptor.
-    if ctx.prepare() {
-        return (true, 0);
-    }
-    let ns = ctx.compute_timeout();
+    let ns = ctx.prepare_timeout();
     (ns == 0, crate::sys::timeout_ns_to_ms(ns))
 }
 

@@ -254,17 +254,7 @@ impl Handlers {
 
     /// Runs the handlers of one ready descriptor; returns whether one ran.
     pub(crate) fn dispatch(&self, event: &Event) -> bool {
-        let (read, write) = {
-            let table = self.table.lock();
-            let key = (event.token & 0xffff_ffff) as usize;
-            match table.entries.get(key) {
-                Some(e) if e.token(key) == event.token => (
-                    event.readable.then(|| e.read.clone()).flatten(),
-                    event.writable.then(|| e.write.clone()).flatten(),
-                ),
-                _ => return false,
-            }
-        };
+        let (read, write) = self.cells_for(event);
         let mut progress = false;
         if let Some(cell) = read {
             progress |= cell.dispatch();
@@ -277,13 +267,20 @@ impl Handlers {
 
     /// Whether `event` would run a handler.
     pub(crate) fn wants(&self, event: &Event) -> bool {
+        let (read, write) = self.cells_for(event);
+        read.is_some() || write.is_some()
+    }
+
+    /// The read and write callbacks that `event` makes due, if its token is still current.
+    fn cells_for(&self, event: &Event) -> (Option<Arc<HandlerCell>>, Option<Arc<HandlerCell>>) {
         let table = self.table.lock();
         let key = (event.token & 0xffff_ffff) as usize;
         match table.entries.get(key) {
-            Some(e) if e.token(key) == event.token => {
-                (event.readable && e.read.is_some()) || (event.writable && e.write.is_some())
-            }
-            _ => false,
+            Some(e) if e.token(key) == event.token => (
+                event.readable.then(|| e.read.clone()).flatten(),
+                event.writable.then(|| e.write.clone()).flatten(),
+            ),
+            _ => (None, None),
         }
     }
 

@@ -4,16 +4,15 @@
 //! Work runs on worker threads; each completion runs back on the context as a one-shot BH, so a
 //! completion callback may itself wait (a nested poll) for another completion.
 //!
-//! A request moves `QUEUED -> ACTIVE -> DONE`, or `QUEUED -> CANCELED` when cancelled before a
-//! worker took it. Both moves out of `QUEUED` happen under the pool mutex, together with removing
-//! the request from the queue, so exactly one of "a worker runs it" and "cancel stole it" wins.
+//! A request is either still in the queue or taken out of it, by a worker (which runs it) or by
+//! a cancellation (which completes it with `Canceled`). Both take it out under the pool mutex,
+//! so exactly one of them wins, and "queued" needs no state of its own.
 
 use std::any::Any;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread;
@@ -24,11 +23,6 @@ use parking_lot::{Condvar, Mutex};
 use crate::aiocb::{AioCb, AioCbOps, Canceled, Completion};
 use crate::context::{Core, Inner};
 use crate::AioContext;
-
-const QUEUED: u8 = 0;
-const ACTIVE: u8 = 1;
-const DONE: u8 = 2;
-const CANCELED: u8 = 3;
 
 /// QEMU's `THREAD_POOL_MAX_THREADS_DEFAULT`.
 pub(crate) const DEFAULT_MAX_THREADS: usize = 64;
@@ -74,7 +68,6 @@ where
 }
 
 struct Request {
-    state: AtomicU8,
     job: Mutex<Option<Box<dyn Job>>>,
     completion: Completion,
     pool: Weak<PoolShared>,
@@ -199,12 +192,10 @@ impl PoolShared {
                 }
                 continue;
             };
-            req.state.store(ACTIVE, Ordering::Relaxed);
             drop(state);
             if let Some(job) = req.job.lock().as_mut() {
                 job.run();
             }
-            req.state.store(DONE, Ordering::Release);
             req.clone().finish(&self, false);
             state = self.state.lock();
         }
@@ -213,7 +204,6 @@ impl PoolShared {
 
     fn submit(self: &Arc<Self>, job: Option<Box<dyn Job>>) -> Arc<Request> {
         let req = Arc::new(Request {
-            state: AtomicU8::new(QUEUED),
             job: Mutex::new(job),
             completion: Completion::new(),
             pool: Arc::downgrade(self),
@@ -222,7 +212,6 @@ impl PoolShared {
         if state.stopping {
             // The context is gone: nothing will ever poll a completion.
             drop(state);
-            req.state.store(CANCELED, Ordering::Relaxed);
             drop(req.job.lock().take());
             req.completion.complete();
             return req;
@@ -239,13 +228,11 @@ impl PoolShared {
     /// Steals `req` from the queue if no worker has taken it yet.
     fn cancel(&self, req: &Arc<Request>) {
         let mut state = self.state.lock();
-        if req.state.load(Ordering::Relaxed) != QUEUED {
+        let Some(i) = state.queue.iter().position(|r| Arc::ptr_eq(r, req)) else {
+            // Running, done, or cancelled already.
             return;
-        }
-        if let Some(i) = state.queue.iter().position(|r| Arc::ptr_eq(r, req)) {
-            state.queue.remove(i);
-        }
-        req.state.store(CANCELED, Ordering::Relaxed);
+        };
+        state.queue.remove(i);
         drop(state);
         Arc::clone(req).finish(self, true);
     }
@@ -280,7 +267,6 @@ impl PoolShared {
         };
         self.work_ready.notify_all();
         for req in &queued {
-            req.state.store(CANCELED, Ordering::Relaxed);
             drop(req.job.lock().take());
             req.completion.complete();
         }
