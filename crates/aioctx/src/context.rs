@@ -46,7 +46,7 @@ use crate::lock::{thread_token, OwnerOnly, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
 use crate::polling::{self, Counters, PollHandler, PollParams, Polling, Stats};
 use crate::registry::Registry;
-use crate::sys::{self, Backend, Event, Poller, RawFd, RawNotifier, SourceKind};
+use crate::sys::{self, Backend, Event, Poller, RawFd, RawNotifier, Readiness, SourceKind};
 use crate::task::{self, IoWaiters};
 use crate::thread_pool::{PoolConfig, PoolShared, ThreadPool};
 use crate::timer::{Timer, TimerLists};
@@ -522,10 +522,11 @@ impl AioContext {
     ///
     /// While polling is on, a blocking [`poll`](Self::poll) with nothing ready first spins for
     /// up to the current window, checking `io_poll` callbacks, [`notify`](Self::notify) and BH
-    /// schedules from other threads (and, on io_uring, every descriptor), before it sleeps in
-    /// the kernel. Spinning burns the CPU it runs on: see the crate's README for when it pays.
-    /// While some handler lacks `io_poll`, only the io_uring back end can spin (QEMU's rule:
-    /// the others would not see that handler's descriptor until the window ends).
+    /// schedules from other threads, and every descriptor (for free on io_uring; on epoll and
+    /// poll(2) with one zero-timeout `poll` per round, and only while some handler lacks
+    /// `io_poll`), before it sleeps in the kernel. Spinning burns the CPU it runs on: see the
+    /// crate's README for when it pays. (QEMU does not spin on epoll while a handler lacks
+    /// `io_poll`; here such a descriptor ends the spin as soon as it is ready.)
     pub fn set_poll_params(&self, max_ns: u64, grow: u64, shrink: u64) {
         self.inner.polling.set_params(PollParams {
             max_ns,
@@ -780,9 +781,13 @@ impl Inner {
         let start = Instant::now();
         let window = self.polling.window_ns();
         let all_pollable = self.handlers.unpollable() == 0;
-        if *timeout == 0 || window == 0 || !(all_pollable || self.poller.shows_readiness()) {
+        let readiness = self.poller.readiness();
+        if *timeout == 0 || window == 0 || !(all_pollable || readiness != Readiness::Hidden) {
             return polling::Spin::idle(start);
         }
+        // Where asking the back end costs a system call, ask only for descriptors that have no
+        // io_poll of their own.
+        let ask_backend = readiness == Readiness::Free || !all_pollable;
         self.poller.flush();
         let max_ns = match u64::try_from(*timeout) {
             Ok(t) => window.min(t),
@@ -794,7 +799,7 @@ impl Inner {
             max_ns,
             || self.core.notified.load(Ordering::Relaxed),
             &pollable,
-            &*self.poller,
+            ask_backend.then_some(&*self.poller),
         );
         if found.any {
             *timeout = 0;

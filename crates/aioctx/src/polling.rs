@@ -6,9 +6,13 @@
 //! [`AioContext::poll`](crate::AioContext::poll) first spins for up to the current *poll window*,
 //! asking every `io_poll` callback whether it has work, watching `notified` (the context's own
 //! notifier is pollable: a [`notify`](crate::AioContext::notify) or a BH scheduled from another
-//! thread shows up there with no system call) and, where the back end can show readiness in
-//! user space (io_uring's completion ring), the back end. Handlers do not run while spinning: the
-//! spin only finds work, the poll then runs it as usual, so handler time never counts as polling.
+//! thread shows up there with no system call) and the back end: on every round with io_uring
+//! (its completion ring is in user space), and with epoll or poll(2) only while some handler has
+//! no `io_poll`, at one zero-timeout `poll` of the epoll descriptor per round. (QEMU does not
+//! spin at all then; here a socket without `io_poll` is served from the spin like any other
+//! event, which is what makes polling pay off for a network server.) Handlers do not run while
+//! spinning: the spin only finds work, the poll then runs it as usual, so handler time never
+//! counts as polling.
 //!
 //! # Wake-up invariant
 //!
@@ -209,7 +213,7 @@ pub(crate) fn spin(
     max_ns: u64,
     notified: impl Fn() -> bool,
     pollable: &[(u64, std::sync::Arc<HandlerCell>)],
-    poller: &dyn Poller,
+    backend: Option<&dyn Poller>,
 ) -> Found {
     let mut found = Found::default();
     loop {
@@ -222,7 +226,7 @@ pub(crate) fn spin(
             found.any = true;
             return found;
         }
-        if poller.has_pending() {
+        if backend.is_some_and(|b| b.has_pending()) {
             found.any = true;
             found.backend = true;
             return found;

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::eventfd::os_error;
-use super::{Event, Interest, Poller, SourceKind};
+use super::{Event, Interest, Poller, Readiness, SourceKind};
 
 /// How many events one wait collects; more stay pending for the next wait (level-triggered).
 const MAX_EVENTS: usize = 256;
@@ -122,5 +122,24 @@ impl Poller for Epoll {
 
     fn outer_fd(&self) -> RawFd {
         self.epfd.as_raw_fd()
+    }
+
+    fn readiness(&self) -> Readiness {
+        Readiness::Syscall
+    }
+
+    /// An epoll descriptor is readable while its ready list holds an event, so a zero-timeout
+    /// `poll` on it answers without consuming anything (a wait would).
+    fn has_pending(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.epfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd that outlives the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        // An error (EINTR, ENOMEM) reads as "pending": the caller then waits, which reports
+        // or retries properly, instead of spinning on a question it cannot answer.
+        n != 0
     }
 }

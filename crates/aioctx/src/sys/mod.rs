@@ -108,15 +108,14 @@ pub(crate) trait Poller: Send + Sync {
     #[cfg(unix)]
     fn outer_fd(&self) -> RawFd;
 
-    /// Whether [`has_pending`](Poller::has_pending) can see readiness without a system call
-    /// (io_uring's completion ring). If not, busy-polling must not spin while some handler lacks
-    /// an `io_poll` callback, or its descriptor would wait for the end of every window.
-    fn shows_readiness(&self) -> bool {
-        false
+    /// How a busy-polling spin can see this back end's readiness (see [`Readiness`]).
+    fn readiness(&self) -> Readiness {
+        Readiness::Hidden
     }
 
-    /// Without a system call: whether a wait with timeout 0 would report something now. Only
-    /// meaningful when [`shows_readiness`](Poller::shows_readiness); false otherwise.
+    /// Whether a wait with timeout 0 would report something now. A system call unless
+    /// [`readiness`](Poller::readiness) is [`Readiness::Free`]; always false when it is
+    /// [`Readiness::Hidden`].
     fn has_pending(&self) -> bool {
         false
     }
@@ -125,6 +124,22 @@ pub(crate) trait Poller: Send + Sync {
     /// `has_pending`, or to an outer loop through `outer_fd`) is current. Back ends that apply
     /// changes at once have nothing to do.
     fn flush(&self) {}
+}
+
+/// What it costs a busy-polling spin to ask a back end whether a wait would report something.
+///
+/// QEMU spins only while every handler has an `io_poll` callback, because its epoll and poll(2)
+/// back ends cannot be asked without a wait. Here they can (a zero-timeout `poll` on the epoll
+/// descriptor), so a spin also serves descriptors without `io_poll`, at one system call per
+/// round; with io_uring the answer is in the completion ring and costs nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    /// The back end cannot be asked: spin only while every handler has an `io_poll`.
+    Hidden,
+    /// One cheap system call per question: asked only while some handler lacks an `io_poll`.
+    Syscall,
+    /// Visible in user space: asked on every round of the spin.
+    Free,
 }
 
 /// The back ends a context can use.

@@ -8,20 +8,23 @@
 //! poll(2) has no descriptor that becomes readable when the set is ready, which outer loops need
 //! (`AsRawFd for AioContext`), so the set is mirrored into an epoll instance used only for that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use parking_lot::Mutex;
 
 use super::epoll::Epoll;
-use super::{Event, Interest, Poller, SourceKind};
+use super::{Event, Interest, Poller, Readiness, SourceKind};
 
 #[derive(Default)]
 struct PollSet {
     fds: Vec<libc::pollfd>,
     tokens: Vec<u64>,
     index: HashMap<RawFd, usize>,
+    /// Descriptors the epoll mirror refused (regular files): poll(2) reports them ready at
+    /// once, and `has_pending` must say so without the mirror.
+    unmirrored: HashSet<RawFd>,
 }
 
 pub(crate) struct Poll {
@@ -60,7 +63,9 @@ impl Poller for Poll {
         }
         // The mirror only serves outer loops; a descriptor epoll refuses (a regular file) can
         // still be polled here.
-        let _ = self.mirror.add(fd, kind, token, interest);
+        if self.mirror.add(fd, kind, token, interest).is_err() {
+            set.unmirrored.insert(fd);
+        }
         let i = set.fds.len();
         set.fds.push(libc::pollfd {
             fd,
@@ -94,7 +99,9 @@ impl Poller for Poll {
                 format!("poll backend: fd {fd} is not registered"),
             ));
         };
-        let _ = self.mirror.delete(fd);
+        if !set.unmirrored.remove(&fd) {
+            let _ = self.mirror.delete(fd);
+        }
         set.fds.swap_remove(i);
         set.tokens.swap_remove(i);
         if let Some(moved) = set.fds.get(i).map(|p| p.fd) {
@@ -149,6 +156,15 @@ impl Poller for Poll {
 
     fn outer_fd(&self) -> RawFd {
         self.mirror.as_raw_fd()
+    }
+
+    fn readiness(&self) -> Readiness {
+        Readiness::Syscall
+    }
+
+    /// Asks the mirror (one system call, not O(descriptors) like a ppoll of the set).
+    fn has_pending(&self) -> bool {
+        !self.set.lock().unmirrored.is_empty() || self.mirror.has_pending()
     }
 }
 

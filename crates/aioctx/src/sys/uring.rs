@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 
-use super::{Event, Interest, Poller, SourceKind};
+use super::{Event, Interest, Poller, Readiness, SourceKind};
 
 /// Submission queue entries; the completion queue gets twice as many (the kernel's default).
 const RING_ENTRIES: u32 = 256;
@@ -483,8 +483,8 @@ impl Poller for IoUringPoller {
         self.ring.as_raw_fd()
     }
 
-    fn shows_readiness(&self) -> bool {
-        true
+    fn readiness(&self) -> Readiness {
+        Readiness::Free
     }
 
     /// Reads new completions off the ring (no system call), so that only readiness counts:
