@@ -73,6 +73,7 @@ fn run(cli: Cli) -> Result<(), String> {
         max_clients: cli.shared as usize,
         persistent: cli.persistent,
         handshake_timeout: Duration::from_secs(cli.handshake_timeout),
+        poll_max_ns: cli.poll_max_ns,
     };
     let size = export.size();
     let server = Server::new(config, Arc::new(export), listener);

@@ -126,6 +126,8 @@ pub struct Config {
     pub persistent: bool,
     /// Time allowed for the handshake.
     pub handshake_timeout: Duration,
+    /// Busy-polling window of each I/O thread's context, in ns (0: off).
+    pub poll_max_ns: u64,
 }
 
 /// State shared by all threads.
@@ -298,7 +300,11 @@ impl Server {
         let threads = config.threads.max(1);
         let mut ctxs = Vec::with_capacity(threads);
         for _ in 0..threads {
-            ctxs.push(AioContext::new()?);
+            ctxs.push(
+                AioContext::builder()
+                    .poll_max_ns(config.poll_max_ns)
+                    .build()?,
+            );
         }
         let main = ctxs[0].clone();
         let shared = Arc::new(Shared {
