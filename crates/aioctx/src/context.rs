@@ -2,37 +2,12 @@
 //!
 //! # Wake-ups
 //!
-//! Modern QEMU's `notify_me`/`notified` protocol (commits eabc977973 and 601829f88e, checked
-//! there with Promela models), plus a `kicked` flag that coalesces the eventfd writes:
-//!
-//! * `notify`: `notified = true`; full fence; if `notify_me != 0` and `kicked` swaps from false to
-//!   true, write the eventfd.
-//! * a blocking poll: compute the timeout; if it is not 0, `notify_me += 2`, full fence, and if
-//!   `notified` is set do not block. After the wait: `notify_me -= 2`; `notified = false`; full
-//!   fence; then look at BHs, descriptors and timers.
-//! * when the wait reports the eventfd readable, the poller drains it and only then clears
-//!   `kicked`.
-//!
-//! Invariants:
-//! * No lost wake-up: a producer publishes its work, then `notified`, then reads `notify_me`; the
-//!   poller publishes `notify_me`, then reads `notified` (and, before that, computed the timeout
-//!   from the work). With full fences on both sides, either the producer sees the poller asleep
-//!   and writes, or the poller sees `notified` and does not sleep.
-//! * `kicked == true` implies an eventfd write has been or is about to be made and not yet
-//!   drained, so skipping the write when `kicked` is set never leaves a sleeping poller unwoken;
-//!   it also means at most one write per sleep.
-//! * No syscall while the loop is awake: `notify_me` is 0 outside the wait.
-//!
-//! `notify_me` bit 0 is set between [`AioContext::prepare`] and [`AioContext::pending`] (an outer
-//! loop is about to wait on the context's descriptor), like QEMU's GSource.
-//!
-//! Busy-polling (the `polling` module) spins before `notify_me += 2`, watching `notified`: a
-//! notify during the spin is seen with no eventfd write, and one that races with the end of the
-//! spin is caught by the protocol above, unchanged.
+//! A poll announces its sleeps and notifiers write the context's eventfd only for a sleeping
+//! poll, at most once per sleep: the protocol and its invariants are in the `wakeup` module.
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Instant;
 
@@ -50,6 +25,7 @@ use crate::sys::{self, Backend, Event, Poller, RawFd, RawNotifier, Readiness, So
 use crate::task::{self, IoWaiters};
 use crate::thread_pool::{PoolConfig, PoolShared, ThreadPool};
 use crate::timer::{Timer, TimerLists};
+use crate::wakeup::WakeState;
 
 /// How long a poll with only idle BHs scheduled may block (QEMU's 10 ms).
 const IDLE_BH_TIMEOUT_NS: i64 = 10_000_000;
@@ -61,9 +37,7 @@ pub(crate) struct Core {
     pub(crate) timers: TimerLists,
     pub(crate) bh_registry: Registry,
     pub(crate) timer_registry: Registry,
-    notify_me: AtomicU32,
-    notified: AtomicBool,
-    kicked: AtomicBool,
+    wake: WakeState,
     event: RawNotifier,
     closed: AtomicBool,
     /// The context lock (QEMU's `RFifoLock`). It lives here so that BHs and timers can tell
@@ -81,10 +55,7 @@ impl Core {
 
     /// QEMU's `aio_notify`.
     pub(crate) fn notify(&self) {
-        self.notified.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if self.notify_me.load(Ordering::Relaxed) != 0 && !self.kicked.swap(true, Ordering::AcqRel)
-        {
+        if self.wake.notify() {
             // Failing to write an eventfd means the descriptor is gone, which cannot happen
             // while `self` is alive; there is nobody to report it to.
             let _ = self.event.set();
@@ -104,12 +75,7 @@ impl Core {
 
     /// QEMU's `aio_notify_accept`.
     fn notify_accept(&self) {
-        // Only a cleared flag needs ordering before the work is examined; if it was already
-        // clear, a notify racing with us sets it again and the next poll will not sleep.
-        if self.notified.load(Ordering::Relaxed) {
-            self.notified.store(false, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-        }
+        self.wake.accept();
     }
 
     pub(crate) fn watch_virtual_clock(self: &Arc<Self>) {
@@ -321,9 +287,7 @@ impl Builder {
             timers: TimerLists::new(),
             bh_registry: Registry::new(),
             timer_registry: Registry::new(),
-            notify_me: AtomicU32::new(0),
-            notified: AtomicBool::new(false),
-            kicked: AtomicBool::new(false),
+            wake: WakeState::new(),
             event,
             closed: AtomicBool::new(false),
             lock: RFifoLock::new(),
@@ -594,12 +558,9 @@ impl AioContext {
             None
         };
         let announced = timeout != 0;
-        if announced {
-            core.notify_me.fetch_add(2, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if core.notified.load(Ordering::Relaxed) {
-                timeout = 0;
-            }
+        // A notify that came before the announcement means "do not sleep".
+        if announced && !core.wake.begin_wait() {
+            timeout = 0;
         }
         // With nothing to wait for and no reason to block, skip the system call: BHs and
         // timers are checked below anyway, and the notifier is drained at the next real wait.
@@ -620,7 +581,7 @@ impl AioContext {
             (epoch, events)
         });
         if announced {
-            core.notify_me.fetch_sub(2, Ordering::Release);
+            core.wake.end_wait();
         }
         core.notify_accept();
 
@@ -665,12 +626,10 @@ impl AioContext {
         let core = &*self.inner.core;
         // The outer loop will wait on `outer_fd`: it must reflect every registration.
         self.inner.poller.flush();
-        core.notify_me.fetch_or(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if core.notified.load(Ordering::Relaxed) {
-            0
-        } else {
+        if core.wake.begin_outer_wait() {
             self.inner.compute_timeout()
+        } else {
+            0
         }
     }
 
@@ -680,7 +639,7 @@ impl AioContext {
     pub fn pending(&self) -> bool {
         let _guard = self.acquire();
         let inner = &*self.inner;
-        inner.core.notify_me.fetch_and(!1, Ordering::Release);
+        inner.core.wake.end_outer_wait();
         inner.core.notify_accept();
         let mut events = inner.take_buffer();
         let epoch = inner.wait(&mut events, 0);
@@ -699,7 +658,7 @@ impl AioContext {
         let _guard = self.acquire();
         let _current = task::enter(self);
         let inner = &*self.inner;
-        inner.core.notify_me.fetch_and(!1, Ordering::Release);
+        inner.core.wake.end_outer_wait();
         inner.core.notify_accept();
         let stashed = inner.stashed.lock().take();
         let (epoch, events) = match stashed {
@@ -797,7 +756,7 @@ impl Inner {
         let found = polling::spin(
             start,
             max_ns,
-            || self.core.notified.load(Ordering::Relaxed),
+            || self.core.wake.is_notified(),
             &pollable,
             ask_backend.then_some(&*self.poller),
         );
@@ -831,8 +790,8 @@ impl Inner {
         if let Some(i) = events.iter().position(|e| e.token == NOTIFY_TOKEN) {
             events.swap_remove(i);
             self.core.event.test_and_clear();
-            // Only now may another notify write again (see the module docs).
-            self.core.kicked.store(false, Ordering::Release);
+            // Only now may another notify write again (see the wakeup module).
+            self.core.wake.drained();
         }
         // Only the lock holder writes it: no read-modify-write needed.
         let epoch = self.wait_epoch.load(Ordering::Relaxed) + 1;

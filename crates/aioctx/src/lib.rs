@@ -63,6 +63,13 @@ mod sys;
 mod task;
 mod thread_pool;
 mod timer;
+mod wakeup;
+
+/// The atomics the `wakeup` module is written against: std's here; `tests/loom_wakeup.rs`
+/// compiles that module again with loom's, to model-check it.
+mod sync {
+    pub(crate) use std::sync::atomic;
+}
 
 pub use aiocb::{AioCb, AioCbOps, Canceled, Completion};
 pub use bh::Bh;
