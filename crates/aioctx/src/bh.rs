@@ -1,67 +1,48 @@
 //! Bottom halves (QEMU's `QEMUBH`, `aio_bh_new`, `qemu_bh_schedule`, `aio_bh_poll`).
 //!
-//! Scheduled BHs sit on a lock-free multi-producer stack (modern QEMU's `bh_list`, commit
-//! 8c6b0356b5), so the cost of a poll grows with the BHs scheduled, never with those created.
-//!
-//! # The queue protocol
-//!
-//! Each BH has a flag word. `PENDING` means "on the stack"; the other flags say what to do when
-//! the poller takes it off.
-//!
-//! * A producer sets its flags with a CAS; the one producer whose CAS turns `PENDING` on pushes
-//!   the node (a Treiber push: write `next`, then CAS the head with Release).
-//! * The consumer (the poller, which holds the context lock, so there is only ever one) swaps the
-//!   whole stack out with Acquire, reverses it into FIFO order, and for each node reads `next`
-//!   *before* clearing `PENDING`; after the clear, producers may push the node again.
-//!
-//! Invariant: a node is on the stack at most once, exactly while `PENDING` is set, and the stack
-//! holds one strong reference to each node on it.
+//! Scheduled BHs sit on a lock-free multi-producer stack (the `queue` submodule, with its
+//! protocol and invariant); this module gives the flag bits their meaning.
+
+mod queue;
 
 use std::collections::VecDeque;
-use std::ptr;
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use crate::callback::{Call, CallbackCell, Handler};
 use crate::context::Core;
 use crate::registry::Release;
 
-const PENDING: u32 = 1 << 0;
+use queue::{Node, Queue, PENDING};
+
 const SCHEDULED: u32 = 1 << 1;
 const IDLE: u32 = 1 << 2;
 const DELETED: u32 = 1 << 3;
 const ONESHOT: u32 = 1 << 4;
 
-pub(crate) struct BhNode {
-    flags: AtomicU32,
-    next: AtomicPtr<BhNode>,
-    cb: CallbackCell,
-}
+/// A BH: its flags and its callback, schedulable on a [`BhQueue`].
+pub(crate) type BhNode = Node<CallbackCell>;
+
+/// The lock-free stack of scheduled BHs.
+pub(crate) type BhQueue = Queue<CallbackCell>;
 
 impl Release for BhNode {
     fn release(&self) -> Option<Handler> {
-        self.cb.release()
+        self.value.release()
     }
 }
 
-impl BhNode {
-    pub(crate) fn new(cb: Handler, oneshot: bool) -> Arc<BhNode> {
-        Arc::new(BhNode {
-            flags: AtomicU32::new(if oneshot { ONESHOT } else { 0 }),
-            next: AtomicPtr::new(ptr::null_mut()),
-            cb: CallbackCell::new(cb),
-        })
-    }
+fn new_node(cb: Handler, oneshot: bool) -> Arc<BhNode> {
+    Arc::new(Node::new(
+        if oneshot { ONESHOT } else { 0 },
+        CallbackCell::new(cb),
+    ))
+}
 
-    /// A node whose callback gets a weak reference to the node itself (async tasks use it to
-    /// build their waker).
-    fn new_cyclic(make_cb: impl FnOnce(&Weak<BhNode>) -> Handler) -> Arc<BhNode> {
-        Arc::new_cyclic(|weak| BhNode {
-            flags: AtomicU32::new(0),
-            next: AtomicPtr::new(ptr::null_mut()),
-            cb: CallbackCell::new(make_cb(weak)),
-        })
-    }
+/// A node whose callback gets a weak reference to the node itself (async tasks use it to build
+/// their waker).
+fn new_cyclic_node(make_cb: impl FnOnce(&Weak<BhNode>) -> Handler) -> Arc<BhNode> {
+    Arc::new_cyclic(|weak| Node::new(0, CallbackCell::new(make_cb(weak))))
 }
 
 /// What the scheduled BHs ask of the next wait.
@@ -85,100 +66,14 @@ fn work_of(flags: u32) -> BhWork {
     }
 }
 
-/// The lock-free stack of scheduled BHs.
-pub(crate) struct BhQueue {
-    head: AtomicPtr<BhNode>,
-}
-
-impl BhQueue {
-    pub(crate) fn new() -> BhQueue {
-        BhQueue {
-            head: AtomicPtr::new(ptr::null_mut()),
-        }
-    }
-
-    /// Updates `node`'s flags with `update` and pushes it if that made it pending. Returns the
-    /// old flags, or `None` if `update` declined (returned `None`).
-    fn enqueue(&self, node: &Arc<BhNode>, update: impl Fn(u32) -> Option<u32>) -> Option<u32> {
-        let old = node
-            .flags
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
-                update(f).map(|n| n | PENDING)
-            })
-            .ok()?;
-        if old & PENDING == 0 {
-            let raw = Arc::into_raw(Arc::clone(node)).cast_mut();
-            let mut head = self.head.load(Ordering::Relaxed);
-            loop {
-                node.next.store(head, Ordering::Relaxed);
-                match self.head.compare_exchange_weak(
-                    head,
-                    raw,
-                    Ordering::Release,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => break,
-                    Err(now) => head = now,
-                }
-            }
-        }
-        Some(old)
-    }
-
-    /// Moves everything scheduled so far to the back of `run`, oldest first. Consumer only.
-    pub(crate) fn take_into(&self, run: &mut VecDeque<Arc<BhNode>>) {
-        let mut p = self.head.swap(ptr::null_mut(), Ordering::Acquire);
-        if p.is_null() {
-            return;
-        }
-        // Reverse the newest-first stack in place so BHs run in the order they were scheduled.
-        let mut reversed: *mut BhNode = ptr::null_mut();
-        while !p.is_null() {
-            // SAFETY: every pointer on the stack came from Arc::into_raw and the stack's strong
-            // reference keeps it alive; after the swap this list is ours alone, and producers do
-            // not write `next` while PENDING is set, which it is for every node on the list.
-            let node = unsafe { &*p };
-            let next = node.next.load(Ordering::Relaxed);
-            node.next.store(reversed, Ordering::Relaxed);
-            reversed = p;
-            p = next;
-        }
-        while !reversed.is_null() {
-            // SAFETY: as above; from_raw takes back the stack's strong reference exactly once.
-            let node = unsafe { Arc::from_raw(reversed) };
-            reversed = node.next.load(Ordering::Relaxed);
-            run.push_back(node);
-        }
-    }
-
-    /// The most urgent work among the scheduled BHs. Consumer only (context lock held).
-    pub(crate) fn scan(&self) -> BhWork {
-        let mut work = BhWork::None;
-        let mut p = self.head.load(Ordering::Acquire);
-        while !p.is_null() && work != BhWork::Now {
-            // SAFETY: only the consumer (us) takes nodes off the stack, so every node reachable
-            // from the head stays on it, alive and with a stable `next`, while we walk.
-            let node = unsafe { &*p };
-            work = work.max(work_of(node.flags.load(Ordering::Acquire)));
-            p = node.next.load(Ordering::Relaxed);
-        }
-        work
-    }
-
-    /// Drops everything on the stack (context teardown).
-    pub(crate) fn clear(&self) {
-        let mut drained = VecDeque::new();
-        self.take_into(&mut drained);
-        for node in &drained {
-            node.flags.fetch_and(!PENDING, Ordering::AcqRel);
-        }
-    }
-}
-
-impl Drop for BhQueue {
-    fn drop(&mut self) {
-        self.clear();
-    }
+/// The most urgent work among the scheduled BHs. Consumer only (context lock held).
+pub(crate) fn scan(queue: &BhQueue) -> BhWork {
+    let mut work = BhWork::None;
+    queue.scan(|flags| {
+        work = work.max(work_of(flags));
+        work != BhWork::Now
+    });
+    work
 }
 
 /// The most urgent work among BHs already taken off the stack.
@@ -199,7 +94,7 @@ pub(crate) fn run_one(core: &Core, node: Arc<BhNode>) -> bool {
     }
     // Deleted after the flags were read: `Bh::drop` synchronises with this check.
     match node
-        .cb
+        .value
         .call_unless(|| node.flags.load(Ordering::Acquire) & DELETED != 0)
     {
         // A one-shot BH is owned by the queue alone: dropping `node` below frees it.
@@ -250,7 +145,7 @@ pub struct Bh {
 
 impl Bh {
     pub(crate) fn new(core: Arc<Core>, cb: Handler) -> Bh {
-        Bh::register(core, BhNode::new(cb, false))
+        Bh::register(core, new_node(cb, false))
     }
 
     /// A BH whose callback gets a weak reference to its own node (see [`schedule_node`]).
@@ -258,7 +153,7 @@ impl Bh {
         core: Arc<Core>,
         make_cb: impl FnOnce(&Weak<BhNode>) -> Handler,
     ) -> Bh {
-        Bh::register(core, BhNode::new_cyclic(make_cb))
+        Bh::register(core, new_cyclic_node(make_cb))
     }
 
     fn register(core: Arc<Core>, node: Arc<BhNode>) -> Bh {
@@ -313,7 +208,7 @@ impl Drop for Bh {
         self.node.flags.fetch_or(DELETED, Ordering::AcqRel);
         // If the loop is running the callback on another thread, wait for it: once `delete`
         // returns, the callback is neither running nor ever called again.
-        self.node.cb.quiesce();
+        self.node.value.quiesce();
         self.core.bh_registry.remove(self.key);
     }
 }
@@ -334,7 +229,7 @@ pub(crate) fn schedule_node(core: &Core, node: &Arc<BhNode>) {
 }
 
 pub(crate) fn schedule_oneshot(core: &Core, cb: Handler) {
-    let node = BhNode::new(cb, true);
+    let node = new_node(cb, true);
     core.bh_enqueue(&node, |f| Some(f | SCHEDULED));
 }
 

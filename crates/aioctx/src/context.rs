@@ -710,7 +710,7 @@ impl AioContext {
 
 impl Inner {
     fn bh_work(&self) -> BhWork {
-        let queued = self.core.bhs.scan();
+        let queued = bh::scan(&self.core.bhs);
         if queued == BhWork::Now {
             return queued;
         }

@@ -65,10 +65,12 @@ mod thread_pool;
 mod timer;
 mod wakeup;
 
-/// The atomics the `wakeup` module is written against: std's here; `tests/loom_wakeup.rs`
-/// compiles that module again with loom's, to model-check it.
+/// What the lock-free modules (`wakeup`, `bh::queue`) are written against: std's atomics and
+/// `Arc` here; `tests/loom_wakeup.rs` and `tests/loom_bh_queue.rs` compile those modules again
+/// with loom's, to model-check them.
 mod sync {
     pub(crate) use std::sync::atomic;
+    pub(crate) use std::sync::Arc;
 }
 
 pub use aiocb::{AioCb, AioCbOps, Canceled, Completion};
