@@ -5,6 +5,9 @@
 //! atomics and `Arc` (whose leak check also proves that the stack gives back every reference it
 //! takes). A "run" is what `bh::run_one` does to the flags: clear `PENDING` and `SCHEDULED`, and
 //! count a run if `SCHEDULED` was set.
+//!
+//! Unix only: loom's coroutines cannot unwind on windows-gnu; the atomics are the same there.
+#![cfg(unix)]
 
 #[allow(dead_code)]
 #[path = "../src/bh/queue.rs"]

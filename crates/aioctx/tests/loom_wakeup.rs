@@ -12,6 +12,9 @@
 //! swap in `notify` (loom does not apply every C++20 rule for SeqCst fences) and the one in
 //! `drained` (tokio-rs/loom#254). Loom does not explore every relaxed execution C++ allows, so
 //! a pass is strong evidence, not a proof; the argument itself is in `wakeup.rs`.
+//!
+//! Unix only: loom's coroutines cannot unwind on windows-gnu; the atomics are the same there.
+#![cfg(unix)]
 
 #[allow(dead_code)]
 #[path = "../src/wakeup.rs"]
