@@ -271,6 +271,8 @@ pub struct Conn {
     registered: (bool, bool),
     timer: Option<Timer>,
     flush_bh: Option<Bh>,
+    /// The last write payload buffer freed, for the next payload of the same size.
+    spare_payload: Option<Vec<u8>>,
 }
 
 impl Conn {
@@ -307,6 +309,7 @@ impl Conn {
                 registered: (false, false),
                 timer: None,
                 flush_bh: None,
+                spare_payload: None,
             })
         });
         shared.register(&ctx, Arc::downgrade(&conn));
@@ -778,14 +781,37 @@ impl Conn {
                 }
             }
             Command::Write { length, fua, .. } => {
+                let len = length as usize;
                 if length == 0 {
                     self.start_write(req, fua, Vec::new());
+                } else if self.inbuf.len() >= len {
+                    // The payload came with the header (many small or mid-sized writes per
+                    // read): write it from the input buffer, with no copy and no allocation,
+                    // when that can be done here; copy it only for a worker.
+                    self.held_bytes += len;
+                    let payload = &self.inbuf.data()[..len];
+                    let outcome = match write_here(&export, payload, req.offset, fua) {
+                        Ok(outcome) => Some(outcome),
+                        Err(done) => {
+                            let rest = payload[done..].to_vec();
+                            let offset = req.offset + done as u64;
+                            self.inbuf.consume(len);
+                            self.offload(req, move || {
+                                Outcome::from_io(export.write_at(&rest, offset, fua))
+                            });
+                            None
+                        }
+                    };
+                    if let Some(outcome) = outcome {
+                        self.inbuf.consume(len);
+                        self.complete(req, outcome);
+                    }
                 } else {
-                    self.held_bytes += length as usize;
+                    self.held_bytes += len;
                     self.phase = Phase::Payload {
                         req,
                         fua,
-                        buf: vec![0u8; length as usize],
+                        buf: self.payload_buffer(len),
                         filled: 0,
                     };
                 }
@@ -840,26 +866,31 @@ impl Conn {
     fn start_write(&mut self, req: Request, fua: bool, buf: Vec<u8>) {
         let export = self.export.clone();
         let offset = req.offset;
-        // Like reads, try to finish in the page cache without blocking
-        // (RWF_NOWAIT where the file system has it, else the inline-write
-        // heuristic); FUA writes always wait for the disk, so they go to a
-        // worker.
-        let done = if fua || buf.is_empty() {
-            0
-        } else {
-            export.write_nowait(&buf, offset)
-        };
-        if done == buf.len() {
-            return self.complete(req, Outcome::Done);
-        }
-        if done == 0 && !fua {
-            if let Some(res) = export.write_inline(&buf, offset) {
-                return self.complete(req, Outcome::from_io(res));
+        match write_here(&export, &buf, offset, fua) {
+            Ok(outcome) => {
+                self.complete(req, outcome);
+                self.recycle_payload_buffer(buf);
             }
+            Err(done) => self.offload(req, move || {
+                Outcome::from_io(export.write_at(&buf[done..], offset + done as u64, fua))
+            }),
         }
-        self.offload(req, move || {
-            Outcome::from_io(export.write_at(&buf[done..], offset + done as u64, fua))
-        });
+    }
+
+    /// A buffer of `len` bytes for a write payload, reusing the last one freed if it has that
+    /// length: its stale contents are overwritten before use, and zeroing 64 KiB per request
+    /// showed up in profiles.
+    fn payload_buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.spare_payload.take() {
+            Some(buf) if buf.len() == len => buf,
+            _ => vec![0u8; len],
+        }
+    }
+
+    fn recycle_payload_buffer(&mut self, buf: Vec<u8>) {
+        if buf.len() >= DIRECT_READ_MIN {
+            self.spare_payload = Some(buf);
+        }
     }
 
     /// Runs `work` on the context's thread pool; its outcome is queued as
@@ -940,6 +971,28 @@ impl Conn {
             }
         }
     }
+}
+
+/// Writes `buf` at `offset` on the loop's thread if that cannot block for long: like reads, in
+/// the page cache without blocking (RWF_NOWAIT where the file system has it, else the
+/// inline-write heuristic of [`Export::write_inline`]). FUA writes always wait for the disk,
+/// so they go to a worker. `Ok` is the write's outcome; `Err(done)` means "finish
+/// `buf[done..]` on a worker".
+fn write_here(export: &Export, buf: &[u8], offset: u64, fua: bool) -> Result<Outcome, usize> {
+    let done = if fua || buf.is_empty() {
+        0
+    } else {
+        export.write_nowait(buf, offset)
+    };
+    if done == buf.len() {
+        return Ok(Outcome::Done);
+    }
+    if done == 0 && !fua {
+        if let Some(res) = export.write_inline(buf, offset) {
+            return Ok(Outcome::from_io(res));
+        }
+    }
+    Err(done)
 }
 
 impl Drop for Conn {
