@@ -82,6 +82,17 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub handshake_timeout: u64,
 
+    /// Copy all read data through a buffer instead of sending large cached
+    /// reads straight from the page cache with sendfile(2).
+    #[arg(long)]
+    pub no_sendfile: bool,
+
+    /// Smallest read sent with sendfile(2) (when its range is cached);
+    /// smaller ones are copied, which costs fewer system calls.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::export::SENDFILE_MIN_DEFAULT,
+          conflicts_with = "no_sendfile")]
+    pub sendfile_min: usize,
+
     /// More logging (-v: info, -vv: debug, -vvv: trace). RUST_LOG
     /// overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
@@ -104,6 +115,8 @@ mod tests {
         assert_eq!(c.bind, "127.0.0.1");
         assert_eq!(c.port, 10809);
         assert!(c.file.is_none() && !c.persistent && !c.read_only);
+        assert!(!c.no_sendfile);
+        assert_eq!(c.sendfile_min, crate::export::SENDFILE_MIN_DEFAULT);
     }
 
     #[test]
@@ -128,5 +141,9 @@ mod tests {
         assert_eq!((c.threads, c.verbose), (2, 2));
         assert!(Cli::try_parse_from(["aioctx-nbd", "-k", "/s", "-p", "1"]).is_err());
         assert!(Cli::try_parse_from(["aioctx-nbd", "-e", "0"]).is_err());
+        let c = Cli::parse_from(["aioctx-nbd", "--no-sendfile"]);
+        assert!(c.no_sendfile);
+        let c = Cli::parse_from(["aioctx-nbd", "--sendfile-min", "65536"]);
+        assert_eq!(c.sendfile_min, 65536);
     }
 }
