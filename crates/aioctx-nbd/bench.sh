@@ -14,7 +14,9 @@
 # BENCH_DIV=N divides them (default 1), SERVERS="..." picks the servers
 # (default: aioctx-nbd and the three peers). aioctx-nbd can also run as
 # aioctx-nbd-io_uring, aioctx-nbd-poll and aioctx-nbd-io_uring-poll
-# (AIOCTX_BACKEND=io_uring and/or AIOCTX_POLL_MAX_NS=${POLL_MAX_NS:-32768}):
+# (AIOCTX_BACKEND=io_uring and/or AIOCTX_POLL_MAX_NS=${POLL_MAX_NS:-32768}),
+# and as aioctx-nbd-copy (--no-sendfile: every read copied through a
+# buffer), e.g.:
 #   SERVERS="aioctx-nbd aioctx-nbd-poll aioctx-nbd-io_uring aioctx-nbd-io_uring-poll" \
 #     BENCH_DIV=4 crates/aioctx-nbd/bench.sh 256
 set -euo pipefail
@@ -71,6 +73,8 @@ start_server() {
         case "$1" in
             aioctx-nbd)
                 exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
+            aioctx-nbd-copy)
+                exec "$aioctx_nbd" --no-sendfile -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-poll)
                 AIOCTX_POLL_MAX_NS=$poll_ns exec "$aioctx_nbd" -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-io_uring)
@@ -102,7 +106,7 @@ tests=(
 read -r -a servers <<<"${SERVERS:-aioctx-nbd qemu-nbd-threads qemu-nbd-io_uring nbdkit-file}"
 for s in "${servers[@]}"; do
     case "$s" in
-        aioctx-nbd | aioctx-nbd-poll | aioctx-nbd-io_uring | aioctx-nbd-io_uring-poll) ;;
+        aioctx-nbd | aioctx-nbd-copy | aioctx-nbd-poll | aioctx-nbd-io_uring | aioctx-nbd-io_uring-poll) ;;
         qemu-nbd-threads | qemu-nbd-io_uring | nbdkit-file) ;;
         *) echo "bench.sh: unknown server $s" >&2; exit 1 ;;
     esac
@@ -132,6 +136,9 @@ for t in "${tests[@]}"; do
             printf '%26s' "n/a"
             continue
         fi
+        # Some VMs evict cold pages on their own (DAMON): bring the image
+        # back into the page cache so every run measures cached reads.
+        cat "$img" >/dev/null
         # shellcheck disable=SC2086
         out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1) || {
             printf '%26s' "failed"
