@@ -13,11 +13,12 @@
 # Environment: BENCH_SCALE=N multiplies the request counts (default 1),
 # BENCH_DIV=N divides them (default 1), SERVERS="..." picks the servers
 # (default: aioctx-nbd and the three peers). aioctx-nbd runs with its
-# defaults (epoll, --poll-max-ns 65536); it can also run as
-# aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-io_uring
+# defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB);
+# it can also run as aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-copy
+# (--no-sendfile: every read copied through a buffer), aioctx-nbd-io_uring
 # (AIOCTX_BACKEND=io_uring) and aioctx-nbd-io_uring-nopoll. POLL_MAX_NS=N
-# sets the window of every aioctx-nbd variant that polls.
-#   SERVERS="aioctx-nbd aioctx-nbd-nopoll aioctx-nbd-io_uring nbdkit-file" \
+# sets the window of every aioctx-nbd variant that polls, e.g.:
+#   SERVERS="aioctx-nbd aioctx-nbd-nopoll aioctx-nbd-copy nbdkit-file" \
 #     BENCH_DIV=4 crates/aioctx-nbd/bench.sh 256
 set -euo pipefail
 
@@ -76,6 +77,8 @@ start_server() {
                 exec "$aioctx_nbd" "${poll_args[@]}" -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-nopoll)
                 exec "$aioctx_nbd" --poll-max-ns 0 -t -b 127.0.0.1 -p "$p" "$img" ;;
+            aioctx-nbd-copy)
+                exec "$aioctx_nbd" "${poll_args[@]}" --no-sendfile -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-io_uring)
                 AIOCTX_BACKEND=io_uring exec "$aioctx_nbd" "${poll_args[@]}" -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-io_uring-nopoll)
@@ -104,7 +107,7 @@ tests=(
 read -r -a servers <<<"${SERVERS:-aioctx-nbd qemu-nbd-threads qemu-nbd-io_uring nbdkit-file}"
 for s in "${servers[@]}"; do
     case "$s" in
-        aioctx-nbd | aioctx-nbd-nopoll | aioctx-nbd-io_uring | aioctx-nbd-io_uring-nopoll) ;;
+        aioctx-nbd | aioctx-nbd-nopoll | aioctx-nbd-copy | aioctx-nbd-io_uring | aioctx-nbd-io_uring-nopoll) ;;
         qemu-nbd-threads | qemu-nbd-io_uring | nbdkit-file) ;;
         *) echo "bench.sh: unknown server $s" >&2; exit 1 ;;
     esac
@@ -134,6 +137,9 @@ for t in "${tests[@]}"; do
             printf '%26s' "n/a"
             continue
         fi
+        # Some VMs evict cold pages on their own (DAMON): bring the image
+        # back into the page cache so every run measures cached reads.
+        cat "$img" >/dev/null
         # shellcheck disable=SC2086
         out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1) || {
             printf '%26s' "failed"

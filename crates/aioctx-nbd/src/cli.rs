@@ -96,6 +96,17 @@ pub struct Cli {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub handshake_timeout: u64,
 
+    /// Copy all read data through a buffer instead of sending large cached
+    /// reads straight from the page cache with sendfile(2).
+    #[arg(long)]
+    pub no_sendfile: bool,
+
+    /// Smallest read sent with sendfile(2) (when its range is cached);
+    /// smaller ones are copied, which costs fewer system calls.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::export::SENDFILE_MIN_DEFAULT,
+          conflicts_with = "no_sendfile")]
+    pub sendfile_min: usize,
+
     /// More logging (-v: info, -vv: debug, -vvv: trace). RUST_LOG
     /// overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
@@ -121,6 +132,8 @@ mod tests {
         if std::env::var_os("AIOCTX_POLL_MAX_NS").is_none() {
             assert_eq!(c.poll_max_ns, DEFAULT_POLL_MAX_NS);
         }
+        assert!(!c.no_sendfile);
+        assert_eq!(c.sendfile_min, crate::export::SENDFILE_MIN_DEFAULT);
     }
 
     #[test]
@@ -147,5 +160,9 @@ mod tests {
         assert_eq!((c.threads, c.verbose, c.poll_max_ns), (2, 2, 0));
         assert!(Cli::try_parse_from(["aioctx-nbd", "-k", "/s", "-p", "1"]).is_err());
         assert!(Cli::try_parse_from(["aioctx-nbd", "-e", "0"]).is_err());
+        let c = Cli::parse_from(["aioctx-nbd", "--no-sendfile"]);
+        assert!(c.no_sendfile);
+        let c = Cli::parse_from(["aioctx-nbd", "--sendfile-min", "65536"]);
+        assert_eq!(c.sendfile_min, 65536);
     }
 }

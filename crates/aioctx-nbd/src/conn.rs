@@ -6,7 +6,9 @@
 //! installed only while replies are queued. Replies are appended to an
 //! output queue and sent with `writev`, many per system call.
 //!
-//! Requests run concurrently: reads are first tried on the loop thread with
+//! Requests run concurrently: large reads whose range is in the page cache
+//! are queued as file ranges and sent with `sendfile` (no copy on this
+//! thread); other reads are first tried on the loop thread with
 //! `RWF_NOWAIT` (page-cache hits finish at once), small non-FUA writes are
 //! written into the page cache inline ([`Export::write_inline`]);
 //! everything that may block goes to the context's thread pool, and its completion, which runs back on
@@ -20,15 +22,17 @@
 //! request has completed.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use aioctx::{AioContext, Bh, ClockType, Handler, Timer, SCALE_MS};
 use parking_lot::Mutex;
+use rustix::io::Errno;
+use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tracing::{debug, info, trace, warn};
 
 use crate::export::{nbd_errno, Export, ZeroError};
@@ -44,7 +48,9 @@ const DIRECT_READ_MIN: usize = 16 * 1024;
 const MAX_INFLIGHT: usize = 128;
 /// ...or while request buffers and unsent replies hold this many bytes
 /// (more than the largest request, so an idle connection can always
-/// start one).
+/// start one). Queued file ranges count at their length though they hold
+/// no memory: the limit also stops a client that does not read its replies
+/// from queueing up work without end.
 const MAX_BUFFERED: usize = 2 * proto::MAX_REQUEST_LEN as usize;
 /// At most this many `read` calls per readiness event, to stay fair to
 /// other connections on the same loop.
@@ -70,11 +76,17 @@ impl Stream {
             Stream::Unix(s) => s.read(buf),
         }
     }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+    /// `sendmsg` of `bufs`; with `more`, tells TCP more data follows at
+    /// once (`MSG_MORE`), so it holds a partial segment back instead of
+    /// sending it on its own. Unix sockets have no segments to hold.
+    fn send_vectored(&mut self, bufs: &[IoSlice<'_>], more: bool) -> Result<usize, Errno> {
+        // No SIGPIPE for a client that went away: the EPIPE closes the
+        // connection.
+        let mut flags = SendFlags::NOSIGNAL;
+        if more && matches!(self, Stream::Tcp(_)) {
+            flags |= SendFlags::MORE;
         }
+        rustix::net::sendmsg(self.fd(), bufs, &mut SendAncillaryBuffer::default(), flags)
     }
     fn shutdown(&self) {
         let _ = match self {
@@ -83,9 +95,12 @@ impl Stream {
         };
     }
     fn raw_fd(&self) -> RawFd {
+        self.fd().as_raw_fd()
+    }
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -122,9 +137,23 @@ enum Phase {
 /// The result of a request, turned into a reply by [`Conn::queue_reply`].
 enum Outcome {
     Done,
-    Data { offset: u64, data: Vec<u8> },
-    Extents { context: u32, extents: Vec<Extent> },
-    Error { errno: u32, message: String },
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// Read data to send from the file at send time.
+    FileRange {
+        offset: u64,
+        len: u32,
+    },
+    Extents {
+        context: u32,
+        extents: Vec<Extent>,
+    },
+    Error {
+        errno: u32,
+        message: String,
+    },
 }
 
 impl Outcome {
@@ -143,60 +172,184 @@ impl Outcome {
     }
 }
 
+/// One piece of queued output.
+enum Seg {
+    /// Bytes in memory. `packable` buffers take further small replies.
+    Bytes { buf: Vec<u8>, packable: bool },
+    /// `len` bytes of the export from `offset`, sent with `sendfile`
+    /// straight from the page cache when their turn comes.
+    File { offset: u64, len: usize },
+}
+
+impl Seg {
+    fn len(&self) -> usize {
+        match self {
+            Seg::Bytes { buf, .. } => buf.len(),
+            Seg::File { len, .. } => *len,
+        }
+    }
+}
+
 /// Replies waiting to be written. Small replies are packed into shared
 /// buffers so one `writev` slice carries many of them; read data keeps its
-/// own buffer (no copy).
+/// own buffer (no copy), or stays in the file until it is sent.
 #[derive(Default)]
 struct OutQueue {
-    bufs: VecDeque<(Vec<u8>, bool)>,
-    /// Bytes of the front buffer already written.
+    segs: VecDeque<Seg>,
+    /// Bytes of the front segment already written.
     front_sent: usize,
+    /// Unsent bytes, file ranges included: with the request buffers this
+    /// bounds what a connection may have queued (see
+    /// [`Conn::can_start_request`]).
     bytes: usize,
 }
 
 impl OutQueue {
     fn push_small(&mut self, b: &[u8]) {
         self.bytes += b.len();
-        match self.bufs.back_mut() {
-            Some((last, true)) if last.len() < 4096 => last.extend_from_slice(b),
-            _ => self.bufs.push_back((b.to_vec(), true)),
+        match self.segs.back_mut() {
+            Some(Seg::Bytes {
+                buf,
+                packable: true,
+            }) if buf.len() < 4096 => buf.extend_from_slice(b),
+            _ => self.segs.push_back(Seg::Bytes {
+                buf: b.to_vec(),
+                packable: true,
+            }),
         }
     }
     fn push_data(&mut self, data: Vec<u8>) {
         if !data.is_empty() {
             self.bytes += data.len();
-            self.bufs.push_back((data, false));
+            self.segs.push_back(Seg::Bytes {
+                buf: data,
+                packable: false,
+            });
+        }
+    }
+    fn push_file(&mut self, offset: u64, len: usize) {
+        if len > 0 {
+            self.bytes += len;
+            self.segs.push_back(Seg::File { offset, len });
         }
     }
     fn is_empty(&self) -> bool {
-        self.bufs.is_empty()
+        self.segs.is_empty()
     }
+
+    /// Marks `n` more bytes as written.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        while n > 0 {
+            let left = self.segs[0].len() - self.front_sent;
+            if n >= left {
+                n -= left;
+                self.segs.pop_front();
+                self.front_sent = 0;
+            } else {
+                self.front_sent += n;
+                n = 0;
+            }
+        }
+    }
+
+    /// Replaces the unsent rest of the front segment, a file range, with
+    /// `data` of the same length.
+    fn replace_front(&mut self, data: Vec<u8>) {
+        debug_assert_eq!(data.len(), self.segs[0].len() - self.front_sent);
+        self.segs[0] = Seg::Bytes {
+            buf: data,
+            packable: false,
+        };
+        self.front_sent = 0;
+    }
+
     /// Writes as much as the socket takes. Returns `Ok(true)` when the
     /// queue is empty.
-    fn flush(&mut self, stream: &mut Stream) -> io::Result<bool> {
-        while !self.bufs.is_empty() {
-            let mut slices = Vec::with_capacity(IOV_BATCH.min(self.bufs.len()));
-            for (i, (b, _)) in self.bufs.iter().take(IOV_BATCH).enumerate() {
-                let start = if i == 0 { self.front_sent } else { 0 };
-                slices.push(IoSlice::new(&b[start..]));
+    ///
+    /// Consecutive byte segments go out in one `sendmsg` (a `writev`);
+    /// file ranges with one `sendfile` each. A byte batch followed by a
+    /// file range is sent with `MSG_MORE` on TCP: it ends with that
+    /// range's reply header, which on its own would leave as a separate
+    /// segment (`TCP_NODELAY`) and wake the client once for 16 or 28 bytes
+    /// and again for the data. `sendfile` pushes what it corked when it
+    /// sends its last page, and if it cannot send at all (socket full),
+    /// the corked bytes leave with the data once the socket drains.
+    fn flush(&mut self, stream: &mut Stream, export: &Export) -> io::Result<bool> {
+        while let Some(front) = self.segs.front() {
+            if let Seg::File { offset, len } = *front {
+                let sent = self.front_sent;
+                match export.send_to(stream.fd(), offset + sent as u64, len - sent) {
+                    Ok(0) => {
+                        // The file is shorter than when the read was
+                        // checked (truncated behind our back). The header
+                        // promised `len` bytes, so send zeroes for the
+                        // rest, as the copy path reads past the end of the
+                        // file.
+                        debug!(
+                            offset,
+                            len, sent, "file ends inside a queued read, sending zeroes"
+                        );
+                        self.replace_front(vec![0; len - sent]);
+                    }
+                    Ok(n) => self.advance(n),
+                    Err(Errno::AGAIN) => return Ok(false),
+                    Err(Errno::INTR) => {}
+                    Err(e @ (Errno::PIPE | Errno::CONNRESET)) => {
+                        return Err(io::Error::new(
+                            io::Error::from(e).kind(),
+                            format!("sendfile: {e}"),
+                        ))
+                    }
+                    Err(e) => {
+                        // The file side failed: a file system without
+                        // splice support, or a read error. The header is
+                        // out, so either the data follows or the
+                        // connection must close; read it the ordinary
+                        // way (it was cached moments ago), and close only
+                        // if that fails too.
+                        if matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) {
+                            export.disable_sendfile(&e);
+                        }
+                        let mut buf = vec![0; len - sent];
+                        export
+                            .read_at(&mut buf, offset + sent as u64)
+                            .map_err(|re| {
+                                io::Error::new(
+                                    re.kind(),
+                                    format!("sendfile: {e}, then pread: {re}"),
+                                )
+                            })?;
+                        self.replace_front(buf);
+                    }
+                }
+                continue;
             }
-            let mut n = match stream.write_vectored(&slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            self.bytes -= n;
-            while n > 0 {
-                let left = self.bufs[0].0.len() - self.front_sent;
-                if n >= left {
-                    n -= left;
-                    self.bufs.pop_front();
-                    self.front_sent = 0;
-                } else {
-                    self.front_sent += n;
-                    n = 0;
+            let mut slices = Vec::with_capacity(IOV_BATCH.min(self.segs.len()));
+            let mut more = false;
+            for (i, seg) in self.segs.iter().enumerate() {
+                match seg {
+                    Seg::Bytes { buf, .. } if slices.len() < IOV_BATCH => {
+                        let start = if i == 0 { self.front_sent } else { 0 };
+                        slices.push(IoSlice::new(&buf[start..]));
+                    }
+                    Seg::Bytes { .. } => break,
+                    Seg::File { .. } => {
+                        more = true;
+                        break;
+                    }
+                }
+            }
+            match stream.send_vectored(&slices, more) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "sendmsg: wrote 0")),
+                Ok(n) => self.advance(n),
+                Err(Errno::AGAIN) => return Ok(false),
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("sendmsg: {e}"),
+                    ))
                 }
             }
         }
@@ -442,7 +595,7 @@ impl Conn {
             if self.closed {
                 return;
             }
-            if let Err(e) = self.out.flush(&mut self.stream) {
+            if let Err(e) = self.out.flush(&mut self.stream, &self.export) {
                 info!(peer = %self.peer, error = %e, "write error, closing");
                 self.close();
                 return;
@@ -761,6 +914,34 @@ impl Conn {
                 self.draining = true;
                 self.maybe_finish();
             }
+            Command::Read { offset, length } if export.sendable(offset, length as usize) => {
+                // Large and cached: queue the reply with a file range in
+                // place of data, sent with sendfile when the socket takes
+                // it, so this thread copies nothing.
+                //
+                // The data is read when it is sent, possibly well after
+                // this, with other replies queued ahead. That is still
+                // correct: a write acknowledged before this read arrived
+                // went through the page cache before its reply was
+                // queued, so sendfile sees it; a write that arrives while
+                // this reply is unsent, or even after sendfile has
+                // returned but before the client has received the bytes
+                // (the socket holds page references, not copies), is one
+                // the client sent without waiting for this read, and as
+                // requests may be processed in any order, a read
+                // overlapping such a write may return old or new data.
+                // Nothing is held but the queued range, which counts in
+                // the output bytes.
+                trace!(peer = %self.peer, handle = req.handle, "read sent from the file");
+                self.queue_reply(
+                    req.handle,
+                    req.kind,
+                    Outcome::FileRange {
+                        offset,
+                        len: length,
+                    },
+                );
+            }
             Command::Read { offset, length } => {
                 self.held_bytes += length as usize;
                 let mut buf = vec![0u8; length as usize];
@@ -953,6 +1134,15 @@ impl Conn {
                     self.out.push_small(&proto::simple_reply(handle, 0));
                 }
                 self.out.push_data(data);
+            }
+            Outcome::FileRange { offset, len } => {
+                if structured {
+                    self.out
+                        .push_small(&proto::offset_data_header(handle, offset, len));
+                } else {
+                    self.out.push_small(&proto::simple_reply(handle, 0));
+                }
+                self.out.push_file(offset, len as usize);
             }
             Outcome::Extents { context, extents } => {
                 let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * extents.len());

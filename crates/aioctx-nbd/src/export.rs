@@ -2,14 +2,17 @@
 //!
 //! Everything here is synchronous and meant to run on a thread-pool worker,
 //! except [`Export::read_nowait`], which never blocks and is what lets the
-//! event-loop thread serve page-cache hits itself.
+//! event-loop thread serve page-cache hits itself, and
+//! [`Export::sendable`]/[`Export::send_to`], which let it send cached
+//! ranges straight from the page cache to a socket.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::num::NonZeroU64;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
@@ -29,6 +32,42 @@ pub struct Export {
     /// set when one took long enough to show it blocked.
     inline_writes_after: AtomicU64,
     epoch: Instant,
+    /// Reads of at least this many bytes may be sent with `sendfile`;
+    /// `usize::MAX` turns that off (by choice, or because the kernel or
+    /// file system lacks `cachestat` or `sendfile`).
+    sendfile_min: AtomicUsize,
+}
+
+/// Default for [`Export::set_sendfile_min`]. Below this, copying through a
+/// buffer costs less server CPU than the extra system calls of the sendfile
+/// path (a `cachestat` per read, and a `sendmsg` plus a `sendfile` per
+/// reply where copied replies share one `writev`). `qemu-img bench` at
+/// depth 32 on a cached image (2-vCPU VM, Linux 6.18), server CPU per read
+/// with sendfile / copied: 4 KiB 4.5 / 3.1 µs, 8 KiB 4.7 / 4.2 µs,
+/// 16 KiB 4.9 / 6.6 µs, 32 KiB 5.7 / 11.3 µs.
+pub const SENDFILE_MIN_DEFAULT: usize = 16 * 1024;
+
+/// `cachestat(2)`'s system call number. System calls added since Linux 5.1
+/// have the same number on every architecture (alpha aside), and the libc
+/// crate does not define this one for x86_64 yet.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` of the Linux UAPI.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of the Linux UAPI; only `nr_cache` is used.
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
 }
 
 /// Largest write [`Export::write_inline`] takes: the page cache absorbs
@@ -62,6 +101,7 @@ impl Export {
             nowait_writes: AtomicBool::new(!read_only),
             inline_writes_after: AtomicU64::new(0),
             epoch: Instant::now(),
+            sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
         })
     }
 
@@ -90,6 +130,7 @@ impl Export {
                             nowait_writes: AtomicBool::new(true),
                             inline_writes_after: AtomicU64::new(0),
                             epoch: Instant::now(),
+                            sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
                         },
                         path,
                     ));
@@ -128,6 +169,91 @@ impl Export {
             ReadWriteFlags::NOWAIT,
         )
         .unwrap_or_default()
+    }
+
+    /// Sends reads of at least `min` bytes with `sendfile` when their
+    /// range is in the page cache (see [`Export::sendable`]); `None` never
+    /// does.
+    pub fn set_sendfile_min(&self, min: Option<usize>) {
+        self.sendfile_min
+            .store(min.unwrap_or(usize::MAX), Ordering::Relaxed);
+    }
+
+    /// Whether a read of `len` bytes at `offset` should be sent straight
+    /// from the file with [`Export::send_to`] instead of being copied
+    /// through a buffer: it is large enough to be worth it, and every page
+    /// of the range is in the page cache right now (`cachestat(2)`), so
+    /// that `sendfile` on the event-loop thread will not wait for the disk.
+    ///
+    /// That is a snapshot: a page evicted between this check and the
+    /// `sendfile` (which, behind a slow client's queued output, may come
+    /// much later) is read from the disk by that `sendfile`, which blocks
+    /// the loop thread for one read. That takes memory pressure severe
+    /// enough to evict a page that was just found cached, and costs one
+    /// disk read's latency, not a wrong answer. `sendfile` cannot be told
+    /// not to wait for the disk, so closing the window would take a worker
+    /// round trip per read, which costs more than the copy this avoids.
+    pub fn sendable(&self, offset: u64, len: usize) -> bool {
+        let min = self.sendfile_min.load(Ordering::Relaxed);
+        if len == 0 || len < min {
+            return false;
+        }
+        let range = CachestatRange {
+            off: offset,
+            len: len as u64,
+        };
+        let mut stat = Cachestat::default();
+        // SAFETY: cachestat(2) reads `range` and writes `stat`, which are
+        // live, exclusively borrowed and laid out like the kernel's
+        // `struct cachestat_range` and `struct cachestat`; the descriptor
+        // is owned by `self.file`, open for the whole call; flags must be 0.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                self.file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut stat as *mut Cachestat,
+                0 as libc::c_uint,
+            )
+        };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            // ENOSYS: kernel before 6.5 or built without it; EPERM: a
+            // seccomp filter, or (recent kernels, which hide the page cache
+            // of files one could not write) a read-only image of another
+            // user; EINVAL/EOPNOTSUPP: a file cachestat cannot describe
+            // (hugetlbfs). None of these change while we run, so use the
+            // copy path from now on.
+            if matches!(
+                Errno::from_io_error(&e),
+                Some(Errno::NOSYS | Errno::PERM | Errno::INVAL | Errno::OPNOTSUPP)
+            ) {
+                tracing::info!(error = %e, "cachestat failed, reads are copied from now on");
+                self.set_sendfile_min(None);
+            }
+            return false;
+        }
+        // cachestat counts whole pages touching the range.
+        let page = rustix::param::page_size() as u64;
+        let pages = (offset + len as u64 - 1) / page - offset / page + 1;
+        stat.nr_cache >= pages
+    }
+
+    /// Sends up to `len` bytes of the file from `offset` to the socket
+    /// `sock` with `sendfile(2)`: the kernel hands the page-cache pages to
+    /// the socket, nothing is copied in user space. Returns how many bytes
+    /// went; 0 means end of file (the file shrank behind our back). Errors
+    /// are `sendfile`'s, e.g. `EAGAIN` when the socket is full.
+    pub fn send_to(&self, sock: BorrowedFd<'_>, offset: u64, len: usize) -> Result<usize, Errno> {
+        let mut pos = offset;
+        rustix::fs::sendfile(sock, &self.file, Some(&mut pos), len)
+    }
+
+    /// Stops using `sendfile` after it failed in a way that will not get
+    /// better (a file system that cannot splice).
+    pub fn disable_sendfile(&self, why: &Errno) {
+        tracing::warn!(error = %why, "sendfile failed, reads are copied from now on");
+        self.set_sendfile_min(None);
     }
 
     /// Writes into the page cache without blocking (`pwritev2` with
@@ -391,6 +517,7 @@ pub fn nbd_errno(e: &io::Error) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     fn tmp() -> Export {
         Export::temporary(&std::env::temp_dir(), 1 << 20).unwrap().0
@@ -445,6 +572,46 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         assert_eq!(e.block_status(0, 1 << 20, 64).len(), 1);
         assert_eq!(e.block_status(0, 1 << 20, 1).len(), 1);
+    }
+
+    #[test]
+    fn sendable_needs_size_and_cached_pages() {
+        let e = tmp();
+        let len = 2 * SENDFILE_MIN_DEFAULT;
+        e.write_at(&vec![9u8; len], 0, false).unwrap();
+        // Just written: every page is in the page cache, whatever the
+        // alignment of the range.
+        assert!(e.sendable(0, len));
+        assert!(e.sendable(100, len - 200));
+        assert!(
+            !e.sendable(0, SENDFILE_MIN_DEFAULT - 1),
+            "below the threshold"
+        );
+        assert!(!e.sendable(0, 0));
+        // Never written nor read: a hole with no pages in the cache, and
+        // a range that is only partly cached.
+        assert!(!e.sendable(512 * 1024, len));
+        assert!(!e.sendable(len as u64 / 2, len));
+        e.set_sendfile_min(Some(1));
+        assert!(e.sendable(4095, 2));
+        e.set_sendfile_min(None);
+        assert!(!e.sendable(0, len), "turned off");
+    }
+
+    #[test]
+    fn send_to_sends_the_range_and_stops_at_eof() {
+        use std::io::Read;
+        let e = tmp();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        e.write_at(&data, 4096, false).unwrap();
+        let (mut rx, tx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let n = e.send_to(tx.as_fd(), 4096 + 3, 1000).unwrap();
+        assert_eq!(n, 1000);
+        let mut got = vec![0u8; n];
+        rx.read_exact(&mut got).unwrap();
+        assert_eq!(got, data[3..1003]);
+        // At and past the end of the file: nothing to send.
+        assert_eq!(e.send_to(tx.as_fd(), e.size(), 10).unwrap(), 0);
     }
 
     #[test]

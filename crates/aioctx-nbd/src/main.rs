@@ -53,6 +53,7 @@ fn run(cli: Cli) -> Result<(), String> {
             (e, "a temporary sparse 1 GiB image".to_string())
         }
     };
+    export.set_sendfile_min((!cli.no_sendfile).then_some(cli.sendfile_min));
     let read_only = cli.read_only;
     let listener = match &cli.socket {
         Some(path) => Listener::unix(path.clone())

@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -29,8 +30,19 @@ impl Server {
     /// Starts the server on a free loopback port with extra `args` and
     /// waits for it to print its URI.
     pub fn start(args: &[&str]) -> Server {
+        Server::spawn(&["-b", "127.0.0.1", "-p", "0"], args)
+    }
+
+    /// Starts the server on the Unix socket `path` with extra `args`;
+    /// `port` is 0, connect with [`Client::connect_unix`].
+    pub fn start_unix(path: &Path, args: &[&str]) -> Server {
+        Server::spawn(&["-k", path_str(path)], args)
+    }
+
+    fn spawn(listen: &[&str], args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_aioctx-nbd"))
-            .args(["-b", "127.0.0.1", "-p", "0", "-v"])
+            .args(listen)
+            .arg("-v")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -41,7 +53,10 @@ impl Server {
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
-                if let Some(uri) = line.split_whitespace().find(|w| w.starts_with("nbd://")) {
+                if let Some(uri) = line
+                    .split_whitespace()
+                    .find(|w| w.starts_with("nbd://") || w.starts_with("nbd+unix://"))
+                {
                     let _ = tx.send(uri.to_string());
                     break;
                 }
@@ -62,13 +77,15 @@ impl Server {
                 panic!("server did not print its URI");
             }
         };
-        let port = uri
-            .trim_start_matches("nbd://127.0.0.1:")
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .expect("port in URI");
+        let port = match uri.strip_prefix("nbd://127.0.0.1:") {
+            Some(rest) => rest
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .expect("port in URI"),
+            None => 0,
+        };
         Server {
             child,
             uri,
@@ -205,9 +222,51 @@ pub enum Reply {
     },
 }
 
+/// The client's socket.
+pub enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    pub fn peek(&self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.peek(b),
+            // std's UnixStream::peek is not stable yet.
+            Sock::Unix(s) => {
+                let fd = std::os::fd::AsFd::as_fd(s);
+                rustix::net::recv(fd, b, rustix::net::RecvFlags::PEEK)
+                    .map(|(n, _)| n)
+                    .map_err(Into::into)
+            }
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(b),
+            Sock::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(b),
+            Sock::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A bare-bones blocking NBD client with read timeouts.
 pub struct Client {
-    pub s: TcpStream,
+    pub s: Sock,
 }
 
 impl Client {
@@ -217,6 +276,18 @@ impl Client {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
         s.set_nodelay(true).unwrap();
+        Client::greeted(Sock::Tcp(s))
+    }
+
+    /// [`Client::connect_raw`] on a Unix socket.
+    pub fn connect_unix_raw(path: &Path) -> Client {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client::greeted(Sock::Unix(s))
+    }
+
+    fn greeted(s: Sock) -> Client {
         let mut c = Client { s };
         let g = c.read_n(18);
         assert_eq!(&g[..8], b"NBDMAGIC");
@@ -228,6 +299,13 @@ impl Client {
     /// Connects and sends fixed-newstyle + no-zeroes client flags.
     pub fn connect(port: u16) -> Client {
         let mut c = Client::connect_raw(port);
+        c.send(&3u32.to_be_bytes());
+        c
+    }
+
+    /// [`Client::connect`] on a Unix socket.
+    pub fn connect_unix(path: &Path) -> Client {
+        let mut c = Client::connect_unix_raw(path);
         c.send(&3u32.to_be_bytes());
         c
     }
