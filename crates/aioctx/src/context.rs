@@ -487,7 +487,7 @@ impl AioContext {
     /// While polling is on, a blocking [`poll`](Self::poll) with nothing ready first spins for
     /// up to the current window, checking `io_poll` callbacks, [`notify`](Self::notify) and BH
     /// schedules from other threads, and every descriptor (for free on io_uring; on epoll and
-    /// poll(2) with one zero-timeout `poll` per round, and only while some handler lacks
+    /// poll(2) with a zero-timeout wait per round, and only while some handler lacks
     /// `io_poll`), before it sleeps in the kernel. Spinning burns the CPU it runs on: see the
     /// crate's README for when it pays. (QEMU does not spin on epoll while a handler lacks
     /// `io_poll`; here such a descriptor ends the spin as soon as it is ready.)
@@ -552,7 +552,7 @@ impl AioContext {
 
         let mut timeout = if blocking { inner.compute_timeout() } else { 0 };
         // Busy-polling, strictly before the sleep is announced (see the polling module).
-        let spin = if blocking && inner.polling.enabled() {
+        let mut spin = if blocking && inner.polling.enabled() {
             Some(inner.try_poll_mode(&mut timeout))
         } else {
             None
@@ -568,17 +568,24 @@ impl AioContext {
         // not for one that found readiness in the back end (it must be collected).
         let covered = spin.as_ref().is_some_and(|s| s.covered);
         let backend_ready = spin.as_ref().is_some_and(|s| s.backend);
+        let collected = spin.as_mut().and_then(|s| s.collected.take());
         let has_fds = inner.handlers.count() != 0;
-        let mut waited = (timeout != 0 || backend_ready || (has_fds && !covered)).then(|| {
-            if timeout > 0 {
-                sys::prepare_timed_wait();
-            }
-            if timeout != 0 {
-                Counters::bump(&core.counters.blocking_waits);
-            }
-            let mut events = inner.take_buffer();
-            let epoch = inner.wait(&mut events, timeout);
-            (epoch, events)
+        // The spin found work, so the timeout is 0 and no sleep was announced: what it
+        // collected is this poll's wait.
+        let must_wait =
+            collected.is_none() && (timeout != 0 || backend_ready || (has_fds && !covered));
+        let mut waited = collected.or_else(|| {
+            must_wait.then(|| {
+                if timeout > 0 {
+                    sys::prepare_timed_wait();
+                }
+                if timeout != 0 {
+                    Counters::bump(&core.counters.blocking_waits);
+                }
+                let mut events = inner.take_buffer();
+                let epoch = inner.wait(&mut events, timeout);
+                (epoch, events)
+            })
         });
         if announced {
             core.wake.end_wait();
@@ -744,22 +751,49 @@ impl Inner {
         if *timeout == 0 || window == 0 || !(all_pollable || readiness != Readiness::Hidden) {
             return polling::Spin::idle(start);
         }
-        // Where asking the back end costs a system call, ask only for descriptors that have no
-        // io_poll of their own.
-        let ask_backend = readiness == Readiness::Free || !all_pollable;
         self.poller.flush();
         let max_ns = match u64::try_from(*timeout) {
             Ok(t) => window.min(t),
             Err(_) => window, // -1: no deadline
         };
         let pollable = self.handlers.pollable();
-        let found = polling::spin(
-            start,
-            max_ns,
-            || self.core.wake.is_notified(),
-            &pollable,
-            ask_backend.then_some(&*self.poller),
-        );
+        let notified = || self.core.wake.is_notified();
+        // Where asking the back end costs a system call, ask only for descriptors that have no
+        // io_poll of their own, and make that call the wait itself (timeout 0), so that a busy
+        // loop pays one system call per iteration, not a question and then a wait.
+        let mut collected: Option<(u64, Vec<Event>)> = None;
+        let found = match readiness {
+            Readiness::Free => {
+                let mut ready = || self.poller.has_pending();
+                let check = polling::BackendCheck {
+                    ready: &mut ready,
+                    every_ns: 0,
+                };
+                polling::spin(start, max_ns, notified, &pollable, Some(check))
+            }
+            Readiness::Syscall if !all_pollable => {
+                let mut ready = || {
+                    let (epoch, events) = collected.get_or_insert_with(|| (0, self.take_buffer()));
+                    *epoch = self.wait(events, 0);
+                    !events.is_empty()
+                };
+                let check = polling::BackendCheck {
+                    ready: &mut ready,
+                    every_ns: polling::SYSCALL_CHECK_EVERY_NS,
+                };
+                polling::spin(start, max_ns, notified, &pollable, Some(check))
+            }
+            _ => polling::spin(start, max_ns, notified, &pollable, None),
+        };
+        // Only what the last round collected is current (each round waited anew).
+        let collected = match collected {
+            Some((epoch, events)) if !events.is_empty() => Some((epoch, events)),
+            Some((_, buf)) => {
+                self.give_buffer(buf);
+                None
+            }
+            None => None,
+        };
         if found.any {
             *timeout = 0;
             Counters::bump(&self.core.counters.poll_hits);
@@ -775,8 +809,9 @@ impl Inner {
             // Every handler was asked, and a back end that shows readiness has nothing: no
             // wait can find more than the spin did.
             covered: found.any && !found.backend && all_pollable && !self.poller.has_pending(),
-            backend: found.backend,
+            backend: found.backend && collected.is_none(),
             tokens: found.tokens,
+            collected,
         }
     }
 

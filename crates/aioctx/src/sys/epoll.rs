@@ -127,19 +127,4 @@ impl Poller for Epoll {
     fn readiness(&self) -> Readiness {
         Readiness::Syscall
     }
-
-    /// An epoll descriptor is readable while its ready list holds an event, so a zero-timeout
-    /// `poll` on it answers without consuming anything (a wait would).
-    fn has_pending(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.epfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd that outlives the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        // An error (EINTR, ENOMEM) reads as "pending": the caller then waits, which reports
-        // or retries properly, instead of spinning on a question it cannot answer.
-        n != 0
-    }
 }

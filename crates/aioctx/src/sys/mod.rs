@@ -113,9 +113,8 @@ pub(crate) trait Poller: Send + Sync {
         Readiness::Hidden
     }
 
-    /// Whether a wait with timeout 0 would report something now. A system call unless
-    /// [`readiness`](Poller::readiness) is [`Readiness::Free`]; always false when it is
-    /// [`Readiness::Hidden`].
+    /// Without a system call: whether a wait with timeout 0 would report something now. Only
+    /// meaningful when [`readiness`](Poller::readiness) is [`Readiness::Free`]; false otherwise.
     fn has_pending(&self) -> bool {
         false
     }
@@ -126,19 +125,20 @@ pub(crate) trait Poller: Send + Sync {
     fn flush(&self) {}
 }
 
-/// What it costs a busy-polling spin to ask a back end whether a wait would report something.
+/// How a busy-polling spin can learn whether a back end has something to report.
 ///
 /// QEMU spins only while every handler has an `io_poll` callback, because its epoll and poll(2)
-/// back ends cannot be asked without a wait. Here they can (a zero-timeout `poll` on the epoll
-/// descriptor), so a spin also serves descriptors without `io_poll`, at one system call per
-/// round; with io_uring the answer is in the completion ring and costs nothing.
+/// back ends cannot be asked without a wait. Here the spin makes that wait itself, with timeout
+/// 0, so a spin also serves descriptors without `io_poll`, at one system call per round (and a
+/// busy loop none extra: what the spin collects is the poll's wait). With io_uring the answer
+/// is in the completion ring and costs nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Readiness {
-    /// The back end cannot be asked: spin only while every handler has an `io_poll`.
+    /// Only a blocking wait sees readiness: spin only while every handler has an `io_poll`.
     Hidden,
-    /// One cheap system call per question: asked only while some handler lacks an `io_poll`.
+    /// A zero-timeout wait is the question: asked only while some handler lacks an `io_poll`.
     Syscall,
-    /// Visible in user space: asked on every round of the spin.
+    /// [`Poller::has_pending`] sees readiness without a system call: asked on every round.
     Free,
 }
 

@@ -8,7 +8,7 @@
 //! poll(2) has no descriptor that becomes readable when the set is ready, which outer loops need
 //! (`AsRawFd for AioContext`), so the set is mirrored into an epoll instance used only for that.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -22,9 +22,6 @@ struct PollSet {
     fds: Vec<libc::pollfd>,
     tokens: Vec<u64>,
     index: HashMap<RawFd, usize>,
-    /// Descriptors the epoll mirror refused (regular files): poll(2) reports them ready at
-    /// once, and `has_pending` must say so without the mirror.
-    unmirrored: HashSet<RawFd>,
 }
 
 pub(crate) struct Poll {
@@ -63,9 +60,7 @@ impl Poller for Poll {
         }
         // The mirror only serves outer loops; a descriptor epoll refuses (a regular file) can
         // still be polled here.
-        if self.mirror.add(fd, kind, token, interest).is_err() {
-            set.unmirrored.insert(fd);
-        }
+        let _ = self.mirror.add(fd, kind, token, interest);
         let i = set.fds.len();
         set.fds.push(libc::pollfd {
             fd,
@@ -99,9 +94,7 @@ impl Poller for Poll {
                 format!("poll backend: fd {fd} is not registered"),
             ));
         };
-        if !set.unmirrored.remove(&fd) {
-            let _ = self.mirror.delete(fd);
-        }
+        let _ = self.mirror.delete(fd);
         set.fds.swap_remove(i);
         set.tokens.swap_remove(i);
         if let Some(moved) = set.fds.get(i).map(|p| p.fd) {
@@ -160,11 +153,6 @@ impl Poller for Poll {
 
     fn readiness(&self) -> Readiness {
         Readiness::Syscall
-    }
-
-    /// Asks the mirror (one system call, not O(descriptors) like a ppoll of the set).
-    fn has_pending(&self) -> bool {
-        !self.set.lock().unmirrored.is_empty() || self.mirror.has_pending()
     }
 }
 
