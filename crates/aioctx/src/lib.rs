@@ -66,8 +66,8 @@ mod timer;
 mod wakeup;
 
 /// What the lock-free modules (`wakeup`, `bh::queue`) are written against: std's atomics and
-/// `Arc` here; `tests/loom_wakeup.rs` and `tests/loom_bh_queue.rs` compile those modules again
-/// with loom's, to model-check them.
+/// `Arc` here; the tests of `crates/aioctx-loom` compile those modules again with loom's, to
+/// model-check them.
 mod sync {
     pub(crate) use std::sync::atomic;
     pub(crate) use std::sync::Arc;

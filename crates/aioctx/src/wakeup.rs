@@ -30,9 +30,10 @@
 //! notify during the spin is seen with no eventfd write, and one that races with the end of the
 //! spin is caught by the protocol above, unchanged.
 //!
-//! This module holds only the atomics, no system calls, so that `tests/loom_wakeup.rs` can check
-//! the protocol under every interleaving the C++ memory model allows: it compiles this very file
-//! with `crate::sync` pointing at loom's atomics instead of std's.
+//! This module holds only the atomics, no system calls, so that the model check in
+//! `crates/aioctx-loom/tests/wakeup.rs` can check the protocol under every interleaving the C++
+//! memory model allows: it compiles this very file with `crate::sync` pointing at loom's atomics
+//! instead of std's.
 
 use crate::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 

@@ -18,8 +18,9 @@
 //! consumer clears it after taking it off), and the stack holds one strong reference to each node
 //! on it.
 //!
-//! This module uses only `crate::sync`, so `tests/loom_bh_queue.rs` compiles it again with loom's
-//! atomics and `Arc` and checks the protocol under every interleaving loom explores.
+//! This module uses only `crate::sync`, so `crates/aioctx-loom/tests/bh_queue.rs` compiles it
+//! again with loom's atomics and `Arc` and checks the protocol under every interleaving loom
+//! explores.
 
 use std::collections::VecDeque;
 use std::ptr;

@@ -1,6 +1,6 @@
-//! Model-checks the wake-up protocol (src/wakeup.rs) with loom: every interleaving, and every
-//! value a relaxed load may return under the C++ memory model, of a poll against threads that
-//! publish work and notify.
+//! Model-checks the wake-up protocol (crates/aioctx/src/wakeup.rs) with loom: every
+//! interleaving, and every value a relaxed load may return under the C++ memory model, of a
+//! poll against threads that publish work and notify.
 //!
 //! The file under test is compiled here a second time with `crate::sync` pointing at loom's
 //! atomics; the eventfd is an `AtomicBool` (`set` by a notify that must write, cleared by the
@@ -17,7 +17,7 @@
 #![cfg(unix)]
 
 #[allow(dead_code)]
-#[path = "../src/wakeup.rs"]
+#[path = "../../aioctx/src/wakeup.rs"]
 mod wakeup;
 
 /// What `wakeup.rs` expects at `crate::sync`.

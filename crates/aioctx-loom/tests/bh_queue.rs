@@ -1,5 +1,6 @@
-//! Model-checks the BH queue (src/bh/queue.rs) with loom: producers scheduling from other threads
-//! while the consumer takes nodes off and runs them, under every interleaving loom explores.
+//! Model-checks the BH queue (crates/aioctx/src/bh/queue.rs) with loom: producers scheduling
+//! from other threads while the consumer takes nodes off and runs them, under every interleaving
+//! loom explores.
 //!
 //! The file under test is compiled here a second time with `crate::sync` pointing at loom's
 //! atomics and `Arc` (whose leak check also proves that the stack gives back every reference it
@@ -10,7 +11,7 @@
 #![cfg(unix)]
 
 #[allow(dead_code)]
-#[path = "../src/bh/queue.rs"]
+#[path = "../../aioctx/src/bh/queue.rs"]
 mod queue;
 
 /// What `queue.rs` expects at `crate::sync`.
