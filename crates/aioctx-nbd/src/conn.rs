@@ -970,22 +970,17 @@ impl Conn {
                     // read): write it from the input buffer, with no copy and no allocation,
                     // when that can be done here; copy it only for a worker.
                     self.held_bytes += len;
-                    let payload = &self.inbuf.data()[..len];
-                    let outcome = match write_here(&export, payload, req.offset, fua) {
-                        Ok(outcome) => Some(outcome),
-                        Err(done) => {
-                            let rest = payload[done..].to_vec();
+                    let result = write_here(&export, &self.inbuf.data()[..len], req.offset, fua)
+                        .map_err(|done| (done, self.inbuf.data()[done..len].to_vec()));
+                    self.inbuf.consume(len);
+                    match result {
+                        Ok(outcome) => self.complete(req, outcome),
+                        Err((done, rest)) => {
                             let offset = req.offset + done as u64;
-                            self.inbuf.consume(len);
                             self.offload(req, move || {
                                 Outcome::from_io(export.write_at(&rest, offset, fua))
                             });
-                            None
                         }
-                    };
-                    if let Some(outcome) = outcome {
-                        self.inbuf.consume(len);
-                        self.complete(req, outcome);
                     }
                 } else {
                     self.held_bytes += len;

@@ -19,7 +19,7 @@ use crate::clock::{self, ClockType};
 use crate::handlers::{Handlers, NOTIFY_TOKEN};
 use crate::lock::{thread_token, OwnerOnly, RFifoGuard, RFifoLock};
 use crate::notifier::EventNotifier;
-use crate::polling::{self, Counters, PollHandler, PollParams, Polling, Stats};
+use crate::polling::{self, AfterSpin, Counters, PollHandler, PollParams, Polling, Stats};
 use crate::registry::Registry;
 use crate::sys::{self, Backend, Event, Poller, RawFd, RawNotifier, Readiness, SourceKind};
 use crate::task::{self, IoWaiters};
@@ -565,28 +565,33 @@ impl AioContext {
         // With nothing to wait for and no reason to block, skip the system call: BHs and
         // timers are checked below anyway, and the notifier is drained at the next real wait.
         // The same goes for a spin that found work after asking every handler's io_poll, but
-        // not for one that found readiness in the back end (it must be collected).
-        let covered = spin.as_ref().is_some_and(|s| s.covered);
-        let backend_ready = spin.as_ref().is_some_and(|s| s.backend);
-        let collected = spin.as_mut().and_then(|s| s.collected.take());
-        let has_fds = inner.handlers.count() != 0;
-        // The spin found work, so the timeout is 0 and no sleep was announced: what it
-        // collected is this poll's wait.
-        let must_wait =
-            collected.is_none() && (timeout != 0 || backend_ready || (has_fds && !covered));
-        let mut waited = collected.or_else(|| {
-            must_wait.then(|| {
-                if timeout > 0 {
-                    sys::prepare_timed_wait();
-                }
-                if timeout != 0 {
-                    Counters::bump(&core.counters.blocking_waits);
-                }
-                let mut events = inner.take_buffer();
-                let epoch = inner.wait(&mut events, timeout);
-                (epoch, events)
-            })
-        });
+        // not for one that found readiness in the back end (it must be collected), and a spin
+        // whose own wait collected events has done this poll's wait.
+        let then = spin
+            .as_mut()
+            .map(|s| std::mem::replace(&mut s.then, AfterSpin::Wait));
+        let mut waited = match then {
+            Some(AfterSpin::Collected(epoch, events)) => Some((epoch, events)),
+            then => {
+                let has_fds = inner.handlers.count() != 0;
+                let must_wait = match then {
+                    Some(AfterSpin::Collect) => true,
+                    Some(AfterSpin::Skip) => timeout != 0,
+                    _ => timeout != 0 || has_fds,
+                };
+                must_wait.then(|| {
+                    if timeout > 0 {
+                        sys::prepare_timed_wait();
+                    }
+                    if timeout != 0 {
+                        Counters::bump(&core.counters.blocking_waits);
+                    }
+                    let mut events = inner.take_buffer();
+                    let epoch = inner.wait(&mut events, timeout);
+                    (epoch, events)
+                })
+            }
+        };
         if announced {
             core.wake.end_wait();
         }
@@ -785,15 +790,6 @@ impl Inner {
             }
             _ => polling::spin(start, max_ns, notified, &pollable, None),
         };
-        // Only what the last round collected is current (each round waited anew).
-        let collected = match collected {
-            Some((epoch, events)) if !events.is_empty() => Some((epoch, events)),
-            Some((_, buf)) => {
-                self.give_buffer(buf);
-                None
-            }
-            None => None,
-        };
         if found.any {
             *timeout = 0;
             Counters::bump(&self.core.counters.poll_hits);
@@ -804,14 +800,28 @@ impl Inner {
                 *timeout -= spent.min(*timeout);
             }
         }
+        let then = match collected {
+            // Only what the last round collected is current (each round waited anew).
+            Some((epoch, events)) if !events.is_empty() => AfterSpin::Collected(epoch, events),
+            collected => {
+                if let Some((_, buf)) = collected {
+                    self.give_buffer(buf);
+                }
+                if found.backend {
+                    AfterSpin::Collect
+                } else if found.any && all_pollable && !self.poller.has_pending() {
+                    // Every handler was asked, and a back end that shows readiness has
+                    // nothing.
+                    AfterSpin::Skip
+                } else {
+                    AfterSpin::Wait
+                }
+            }
+        };
         polling::Spin {
             start,
-            // Every handler was asked, and a back end that shows readiness has nothing: no
-            // wait can find more than the spin did.
-            covered: found.any && !found.backend && all_pollable && !self.poller.has_pending(),
-            backend: found.backend && collected.is_none(),
+            then,
             tokens: found.tokens,
-            collected,
         }
     }
 

@@ -148,8 +148,9 @@ impl Handlers {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Registered descriptors without an `io_poll` callback: while there are any, only a back
-    /// end that shows readiness in user space lets the loop spin (QEMU's `poll_disable_cnt`).
+    /// Registered descriptors without an `io_poll` callback (QEMU's `poll_disable_cnt`): while
+    /// there are any, a spin must also ask the back end, and one that cannot be asked (Windows)
+    /// does not spin.
     pub(crate) fn unpollable(&self) -> usize {
         // Two relaxed loads may be momentarily inconsistent; a wrong answer only starts or skips
         // one polling window, and registration notifies the loop, which ends a window.

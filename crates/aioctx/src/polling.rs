@@ -172,16 +172,25 @@ pub(crate) struct Found {
 pub(crate) struct Spin {
     /// When the phase began: `block_ns` is measured from here to the end of the wait.
     pub(crate) start: Instant,
-    /// The spin found work after asking every handler's `io_poll`, so the wait may be skipped.
-    pub(crate) covered: bool,
-    /// The back end has readiness to report, so the wait must not be skipped.
-    pub(crate) backend: bool,
+    /// What the poll's wait has left to do.
+    pub(crate) then: AfterSpin,
     /// Tokens whose `io_poll` reported work.
     pub(crate) tokens: Vec<u64>,
-    /// Events a back end whose readiness costs a system call reported during the spin (its
-    /// zero-timeout wait, with the wait epoch it started): the poll dispatches these instead of
-    /// waiting again.
-    pub(crate) collected: Option<(u64, Vec<Event>)>,
+}
+
+/// What a poll's wait has left to do after its spin.
+pub(crate) enum AfterSpin {
+    /// As without polling: the spin found nothing, or found work while some descriptor went
+    /// unasked.
+    Wait,
+    /// The spin found work after asking every handler's `io_poll`, and the back end has
+    /// nothing: no wait can find more, so it may be skipped.
+    Skip,
+    /// The back end has readiness to report: the wait (timeout 0) must collect it.
+    Collect,
+    /// The spin's own zero-timeout wait collected these events (with the wait epoch it
+    /// started): they are the poll's wait.
+    Collected(u64, Vec<Event>),
 }
 
 impl Spin {
@@ -190,10 +199,8 @@ impl Spin {
     pub(crate) fn idle(start: Instant) -> Spin {
         Spin {
             start,
-            covered: false,
-            backend: false,
+            then: AfterSpin::Wait,
             tokens: Vec::new(),
-            collected: None,
         }
     }
 }
