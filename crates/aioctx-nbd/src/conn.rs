@@ -474,26 +474,21 @@ impl Conn {
             return;
         }
 
-        let weak = Arc::downgrade(&conn);
-        let timer = ctx.timer_new(ClockType::Realtime, SCALE_MS, move || {
-            if let Some(conn) = weak.upgrade() {
-                let mut c = conn.lock();
+        let timer = ctx.timer_new(
+            ClockType::Realtime,
+            SCALE_MS,
+            c.callback(|c| {
                 if c.handshake.is_some() {
                     warn!(peer = %c.peer, "handshake not finished in time, disconnecting");
                     c.close();
                 }
-            }
-        });
+            }),
+        );
         let now_ms = aioctx::clock_get_ns(ClockType::Realtime) / SCALE_MS;
         timer.modify(now_ms + handshake_timeout.as_millis() as i64);
         c.timer = Some(timer);
 
-        let weak = Arc::downgrade(&conn);
-        c.flush_bh = Some(ctx.bh_new(move || {
-            if let Some(conn) = weak.upgrade() {
-                conn.lock().flush_output();
-            }
-        }));
+        c.flush_bh = Some(ctx.bh_new(c.callback(Conn::flush_output)));
 
         c.out.push_small(&proto::greeting());
         c.flush_output();
@@ -509,6 +504,17 @@ impl Conn {
             self.draining = true;
             self.maybe_finish();
             self.update_handlers();
+        }
+    }
+
+    /// A callback for the context that runs `f` on this connection while it is alive (it holds
+    /// only a weak reference, so a registered callback never keeps a closed connection).
+    fn callback(&self, f: impl Fn(&mut Conn) + Send + 'static) -> impl FnMut() + Send + 'static {
+        let weak = self.me.clone();
+        move || {
+            if let Some(conn) = weak.upgrade() {
+                f(&mut conn.lock());
+            }
         }
     }
 
@@ -633,22 +639,12 @@ impl Conn {
         if want == self.registered {
             return;
         }
-        let read = want.0.then(|| {
-            let weak = self.me.clone();
-            Box::new(move || {
-                if let Some(conn) = weak.upgrade() {
-                    conn.lock().on_readable();
-                }
-            }) as Handler
-        });
-        let write = want.1.then(|| {
-            let weak = self.me.clone();
-            Box::new(move || {
-                if let Some(conn) = weak.upgrade() {
-                    conn.lock().flush_output();
-                }
-            }) as Handler
-        });
+        let read = want
+            .0
+            .then(|| Box::new(self.callback(Conn::on_readable)) as Handler);
+        let write = want
+            .1
+            .then(|| Box::new(self.callback(Conn::flush_output)) as Handler);
         match self.ctx.set_fd_handler(self.fd, read, write) {
             Ok(()) => self.registered = want,
             Err(e) => {
