@@ -190,5 +190,6 @@ fn second_sleep_after_drain_is_woken() {
         for p in producers {
             p.join().unwrap();
         }
+        assert_eq!(seen, [true, true], "work never seen");
     });
 }

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use aioctx_nbd::export::SENDFILE_MIN_DEFAULT as MIN;
 use aioctx_nbd::proto::{cmd, MAX_REQUEST_LEN};
@@ -241,8 +240,8 @@ fn truncated_under_queued_replies(transport: Transport) {
     let img = dir.path().join("disk.img");
     let mib = 1usize << 20;
     let data = random_image(&img, 64 * mib, 10);
-    // Debug level shows the file path's zero fill.
-    let s = Setup::start(transport, &dir, &["-t", "-v", path_str(&img)]);
+    // Debug level shows the file path's zero fill, trace level each read queued as a file range.
+    let s = Setup::start(transport, &dir, &["-t", "-vv", path_str(&img)]);
     let mut c = s.client(false);
     if let common::Sock::Tcp(t) = &c.s {
         // A small receive buffer (no autotuning) so that at most a few MiB
@@ -254,8 +253,10 @@ fn truncated_under_queued_replies(transport: Transport) {
         c.request(cmd::READ, 0, i, i * mib as u64, mib as u32);
         pending.insert(i, (i * mib as u64, mib as u32));
     }
-    // Let the server queue what it may before the file shrinks.
-    std::thread::sleep(Duration::from_millis(500));
+    // All 64 fit in what a connection may queue: wait until the last is queued as a file range
+    // before the file shrinks.
+    s.server
+        .wait_for_log(|l| l.contains("read sent from the file") && l.contains("handle=63"));
     let eof = 24 * mib;
     std::fs::OpenOptions::new()
         .write(true)

@@ -259,6 +259,10 @@ fn scenario(probe: &Probe) -> Survivors {
     bh.schedule_idle();
     bh.cancel();
     far.modify(0);
+    assert!(
+        !far.pending(),
+        "arming a timer of a dropped context does nothing"
+    );
     far.del();
     common::schedule_slot(&self_bh);
     e.set().unwrap();

@@ -261,4 +261,8 @@ fn holder_cannot_overtake_waiter() {
         }
     }
     eprintln!("holder_cannot_overtake_waiter: the waiter had to wait in {contended} of 50 rounds");
+    assert!(
+        contended > 0,
+        "no round was contended: fairness was never checked"
+    );
 }

@@ -476,7 +476,13 @@ fn timer_outliving_its_context() {
     let t = ctx.timer_new(ClockType::Realtime, SCALE_NS, n.cb());
     t.modify(now(ClockType::Realtime) + 3_600 * 1_000 * SCALE_MS);
     drop(ctx);
+    assert!(!t.pending(), "dropping the context disarms its timers");
     t.modify(0);
+    assert!(
+        !t.pending(),
+        "arming a timer of a dropped context does nothing"
+    );
+    assert_eq!(t.expire_time_ns(), -1);
     t.del();
     assert_eq!(n.get(), 0);
 }

@@ -23,7 +23,10 @@ pub struct Server {
     /// e.g. `nbd://127.0.0.1:34567`
     pub uri: String,
     pub port: u16,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    /// Each line the server logs, as it logs it.
+    log_lines: mpsc::Receiver<String>,
+    /// The whole log, sent once the server has closed its stderr (it exited).
+    log_at_exit: mpsc::Receiver<String>,
 }
 
 impl Server {
@@ -65,10 +68,17 @@ impl Server {
             for _ in lines {}
         });
         let stderr = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = BufReader::new(stderr).read_to_string(&mut s);
-            s
+        let (line_tx, log_lines) = mpsc::channel();
+        let (exit_tx, log_at_exit) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut log = String::new();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log.push_str(&line);
+                log.push('\n');
+                let _ = line_tx.send(line);
+            }
+            let _ = exit_tx.send(log);
         });
         let uri = match rx.recv_timeout(TIMEOUT) {
             Ok(uri) => uri,
@@ -90,7 +100,8 @@ impl Server {
             child,
             uri,
             port,
-            stderr: Some(stderr),
+            log_lines,
+            log_at_exit,
         }
     }
 
@@ -104,28 +115,36 @@ impl Server {
         assert!(ok, "kill -{sig} failed");
     }
 
+    /// Waits (bounded) until the server logs a line for which `what` is true.
+    pub fn wait_for_log(&self, what: impl Fn(&str) -> bool) {
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log_lines.recv_timeout(left) {
+                Ok(line) if what(&line) => return,
+                Ok(_) => {}
+                Err(e) => panic!("the awaited log line never came: {e}"),
+            }
+        }
+    }
+
     /// Waits (bounded) for the server to exit; returns its exit code and
     /// its log.
     pub fn wait(mut self) -> (Option<i32>, String) {
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                let log = self.stderr.take().unwrap().join().unwrap();
-                return (status.code(), log);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server did not exit in time"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        // Its stderr closes when it exits.
+        let log = self
+            .log_at_exit
+            .recv_timeout(TIMEOUT)
+            .expect("server did not exit in time");
+        let status = self.child.wait().unwrap();
+        (status.code(), log)
     }
 
     /// SIGKILLs the server and returns its log.
     pub fn kill(mut self) -> String {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.stderr.take().unwrap().join().unwrap()
+        self.log_at_exit.recv_timeout(TIMEOUT).expect("server log")
     }
 }
 
