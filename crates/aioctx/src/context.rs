@@ -328,6 +328,24 @@ impl std::fmt::Debug for AioContextGuard<'_> {
     }
 }
 
+/// Keeps a context from busy-polling while it lives ([`AioContext::disable_polling`]).
+#[must_use = "polling resumes as soon as the guard is dropped"]
+pub struct PollingDisabled {
+    ctx: AioContext,
+}
+
+impl Drop for PollingDisabled {
+    fn drop(&mut self) {
+        self.ctx.inner.polling.enable();
+    }
+}
+
+impl std::fmt::Debug for PollingDisabled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollingDisabled").finish_non_exhaustive()
+    }
+}
+
 impl AioContext {
     /// Creates a context with default options (QEMU's `aio_context_new`).
     pub fn new() -> io::Result<AioContext> {
@@ -499,6 +517,32 @@ impl AioContext {
         });
         // A sleeping loop picks the new parameters up at its next poll.
         self.notify();
+    }
+
+    /// Stops busy-polling until the returned guard is dropped. Guards count, like QEMU's
+    /// `poll_disable_cnt` (which QEMU raises for each handler without `io_poll`): polling
+    /// resumes when the last one is gone, with the window it had, where
+    /// [`set_poll_params`](Self::set_poll_params) would start it again from 0. Cheap enough to
+    /// take and drop per message: one atomic operation each. Any thread may call this; a
+    /// spin already running finishes its window.
+    ///
+    /// For a caller who knows a spin would not pay right now, such as a server in the middle
+    /// of receiving a large message: spinning takes its bytes in small pieces as they arrive,
+    /// which costs both ends more than one wake-up once many have arrived.
+    ///
+    /// ```
+    /// # fn main() -> std::io::Result<()> {
+    /// let ctx = aioctx::AioContext::new()?;
+    /// ctx.set_poll_params(32_768, 0, 0);
+    /// let no_spin = ctx.disable_polling();
+    /// ctx.poll(false); // a blocking poll would not spin either
+    /// drop(no_spin);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn disable_polling(&self) -> PollingDisabled {
+        self.inner.polling.disable();
+        PollingDisabled { ctx: self.clone() }
     }
 
     /// The busy-polling parameters.

@@ -77,7 +77,7 @@ pub use aiocb::{AioCb, AioCbOps, Canceled, Completion};
 pub use bh::Bh;
 pub use callback::Handler;
 pub use clock::{clock_get_ns, virtual_clock, ClockType, SCALE_MS, SCALE_NS, SCALE_US};
-pub use context::{AioContext, AioContextGuard, Builder, WeakAioContext};
+pub use context::{AioContext, AioContextGuard, Builder, PollingDisabled, WeakAioContext};
 pub use notifier::EventNotifier;
 pub use polling::{PollHandler, PollParams, Stats};
 pub use sys::{Backend, RawFd};

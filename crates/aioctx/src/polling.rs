@@ -39,7 +39,7 @@
 //! Non-blocking polls neither spin nor adjust the window. With `poll_max_ns == 0` (the default)
 //! nothing here runs: no clock reads, no spinning.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use crate::handlers::HandlerCell;
@@ -93,6 +93,9 @@ pub(crate) struct Polling {
     grow: AtomicU64,
     shrink: AtomicU64,
     window_ns: AtomicU64,
+    /// Live [`PollingDisabled`](crate::PollingDisabled) guards (QEMU's `poll_disable_cnt`):
+    /// no spinning while it is not 0.
+    disabled: AtomicUsize,
 }
 
 impl Polling {
@@ -102,11 +105,25 @@ impl Polling {
             grow: AtomicU64::new(params.grow),
             shrink: AtomicU64::new(params.shrink),
             window_ns: AtomicU64::new(0),
+            disabled: AtomicUsize::new(0),
         }
     }
 
+    /// Whether a blocking poll should spin. A disabled poll neither spins nor adjusts the
+    /// window, so the window is where it was when polling resumes. The counter is a hint, not
+    /// a lock: a guard taken on another thread while a spin runs shortens no window, it only
+    /// stops the next one.
     pub(crate) fn enabled(&self) -> bool {
-        self.max_ns.load(Ordering::Relaxed) != 0
+        self.max_ns.load(Ordering::Relaxed) != 0 && self.disabled.load(Ordering::Relaxed) == 0
+    }
+
+    pub(crate) fn disable(&self) {
+        self.disabled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn enable(&self) {
+        let before = self.disabled.fetch_sub(1, Ordering::Relaxed);
+        debug_assert_ne!(before, 0, "polling enabled more often than disabled");
     }
 
     pub(crate) fn params(&self) -> PollParams {

@@ -427,6 +427,102 @@ fn unpollable_handler_is_served_from_the_spin() {
     ctx.set_fd_handler(rfd, None, None).unwrap();
 }
 
+/// While a `disable_polling` guard lives, a blocking poll waits in the kernel without spinning;
+/// once the last guard is gone it spins again, with the window it had.
+#[test]
+fn disabled_polling_waits_in_the_kernel_and_keeps_the_window() {
+    let _w = watchdog("disabled_polling_waits_in_the_kernel_and_keeps_the_window");
+    let ctx = polling_ctx(1_000_000);
+    let (mut r, mut w) = tcp_pair();
+    let rfd = r.raw();
+    let reads = Arc::new(AtomicUsize::new(0));
+    let n = reads.clone();
+    ctx.set_fd_handler(
+        rfd,
+        handler(move || {
+            read_available(&mut r);
+            n.fetch_add(1, Ordering::SeqCst);
+        }),
+        None,
+    )
+    .unwrap();
+    grow_window_once(&ctx);
+    grow_window_once(&ctx);
+    let window = ctx.stats().poll_window_ns;
+    let spins = |s: aioctx::Stats| s.poll_hits + s.poll_misses;
+
+    // Two guards; dropping one leaves polling off.
+    let outer = ctx.disable_polling();
+    drop(ctx.disable_polling());
+    let before = ctx.stats();
+    write_now(&mut w, b"x");
+    while reads.load(Ordering::SeqCst) == 0 {
+        ctx.poll(true);
+    }
+    let after = ctx.stats();
+    assert_eq!(
+        spins(after),
+        spins(before),
+        "spun while disabled: {after:?}"
+    );
+    assert!(after.blocking_waits > before.blocking_waits, "{after:?}");
+    assert_eq!(
+        after.poll_window_ns, window,
+        "the window changed while disabled"
+    );
+
+    // The last guard gone, a byte already there ends the spin (a hit on Unix: Windows does
+    // not spin) with no blocking wait: the window is still the 4 s one.
+    drop(outer);
+    let before = ctx.stats();
+    write_now(&mut w, b"y");
+    while reads.load(Ordering::SeqCst) == 1 {
+        ctx.poll(true);
+    }
+    let after = ctx.stats();
+    if cfg!(unix) {
+        assert_eq!(after.poll_hits, before.poll_hits + 1, "{after:?}");
+        assert_eq!(after.blocking_waits, before.blocking_waits, "{after:?}");
+    }
+    ctx.set_fd_handler(rfd, None, None).unwrap();
+}
+
+/// Guards taken and dropped on several threads at once all count: afterwards polling is on.
+#[test]
+fn polling_guards_from_many_threads_balance() {
+    let _w = watchdog("polling_guards_from_many_threads_balance");
+    let ctx = polling_ctx(1_000_000);
+    let held = ctx.disable_polling();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..10_000 {
+                    let a = ctx.disable_polling();
+                    let b = ctx.disable_polling();
+                    drop(a);
+                    drop(b);
+                }
+            });
+        }
+    });
+    // Still disabled by `held`: a ready notifier is found by a blocking wait, not a spin.
+    let before = ctx.stats();
+    ctx.notify();
+    ctx.poll(true);
+    let after = ctx.stats();
+    assert_eq!(
+        after.poll_hits + after.poll_misses,
+        before.poll_hits + before.poll_misses
+    );
+    drop(held);
+    grow_window_once(&ctx);
+    let before = ctx.stats();
+    grow_window_once(&ctx);
+    let after = ctx.stats();
+    let spun = after.poll_hits + after.poll_misses > before.poll_hits + before.poll_misses;
+    assert_eq!(spun, cfg!(unix), "{after:?}");
+}
+
 /// Replacing a handler's io_poll: the old one is never called again.
 #[test]
 fn replaced_io_poll_is_not_called() {
