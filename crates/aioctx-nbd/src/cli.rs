@@ -107,6 +107,11 @@ pub struct Cli {
           conflicts_with = "no_sendfile")]
     pub sendfile_min: usize,
 
+    /// Read every write payload into a buffer instead of moving large
+    /// page-aligned ones from the socket into the image with splice(2).
+    #[arg(long)]
+    pub no_splice: bool,
+
     /// More logging (-v: info, -vv: debug, -vvv: trace). RUST_LOG
     /// overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
@@ -133,6 +138,7 @@ mod tests {
             assert_eq!(c.poll_max_ns, DEFAULT_POLL_MAX_NS);
         }
         assert!(!c.no_sendfile);
+        assert!(!c.no_splice);
         assert_eq!(c.sendfile_min, crate::export::SENDFILE_MIN_DEFAULT);
     }
 
@@ -162,6 +168,8 @@ mod tests {
         assert!(Cli::try_parse_from(["aioctx-nbd", "-e", "0"]).is_err());
         let c = Cli::parse_from(["aioctx-nbd", "--no-sendfile"]);
         assert!(c.no_sendfile);
+        let c = Cli::parse_from(["aioctx-nbd", "--no-splice"]);
+        assert!(c.no_splice);
         let c = Cli::parse_from(["aioctx-nbd", "--sendfile-min", "65536"]);
         assert_eq!(c.sendfile_min, 65536);
     }

@@ -6,6 +6,12 @@
 //! installed only while replies are queued. Replies are appended to an
 //! output queue and sent with `writev`, many per system call.
 //!
+//! Large page-aligned write payloads skip the buffer: they move from the
+//! socket into the file with `splice` through a pipe (one copy instead of
+//! two, see [`Export::spliceable`]). That needs the payload still in the
+//! socket, so after such a write the connection reads exactly one request
+//! header at a time until a request of another kind comes.
+//!
 //! Requests run concurrently: large reads whose range is in the page cache
 //! are queued as file ranges and sent with `sendfile` (no copy on this
 //! thread); other reads are first tried on the loop thread with
@@ -24,7 +30,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -33,6 +39,7 @@ use aioctx::{AioContext, Bh, ClockType, Handler, Timer, SCALE_MS};
 use parking_lot::Mutex;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
+use rustix::pipe::{PipeFlags, SpliceFlags};
 use tracing::{debug, info, trace, warn};
 
 use crate::export::{nbd_errno, Export, ZeroError};
@@ -59,6 +66,11 @@ const READS_PER_EVENT: usize = 4;
 const MAX_EXTENTS: usize = 1024;
 /// Slices per `writev` (well under `IOV_MAX`).
 const IOV_BATCH: usize = 128;
+/// Size asked for the pipe that spliced payloads pass through. A payload
+/// that arrived in many small pieces takes one pipe slot per piece, so the
+/// default 16 slots can hold less than 64 KiB; 1 MiB is the most an
+/// unprivileged process may ask for, and a quarter of it is plenty.
+const PAYLOAD_PIPE_SIZE: usize = 256 * 1024;
 
 /// A connected client socket.
 #[derive(Debug)]
@@ -125,6 +137,9 @@ enum Phase {
         buf: Vec<u8>,
         filled: usize,
     },
+    /// The payload of a write moving from the socket into the file with
+    /// `splice` (see [`Export::spliceable`]); `done` bytes are in the file.
+    SplicePayload { req: Request, done: usize },
     /// Skipping the payload of a refused write, then sending its error.
     SkipPayload {
         handle: u64,
@@ -357,6 +372,49 @@ impl OutQueue {
     }
 }
 
+/// The pipe that spliced write payloads pass through on their way from
+/// the socket into the file. It is empty between `splice` calls.
+struct PayloadPipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+}
+
+impl PayloadPipe {
+    fn new() -> io::Result<PayloadPipe> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("pipe2: {e}")))?;
+        // Past the per-user pipe budget (fs.pipe-user-pages-soft) the
+        // kernel refuses to grow pipes; the default size still works.
+        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PAYLOAD_PIPE_SIZE)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("F_GETPIPE_SZ: {e}")))?;
+        Ok(PayloadPipe {
+            read,
+            write,
+            capacity,
+        })
+    }
+
+    /// Throws away what a failed `splice` into the file left in the pipe,
+    /// so it cannot end up in the next payload.
+    fn discard(&self) -> io::Result<()> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            match rustix::io::read(&self.read, &mut scratch) {
+                Ok(0) | Err(Errno::AGAIN) => return Ok(()),
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("read from the payload pipe: {e}"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
 /// Input bytes received but not yet decoded: `buf[head..tail]`.
 struct InBuf {
     buf: Box<[u8]>,
@@ -426,6 +484,15 @@ pub struct Conn {
     flush_bh: Option<Bh>,
     /// The last write payload buffer freed, for the next payload of the same size.
     spare_payload: Option<Vec<u8>>,
+    /// The pipe for spliced payloads, made on the first one.
+    pipe: Option<PayloadPipe>,
+    /// No pipe could be made, or this socket cannot splice: payloads are
+    /// read into buffers.
+    no_splice: bool,
+    /// The last request was a write whose payload could be spliced, so
+    /// the next one probably is too: read exactly one request header at a
+    /// time, leaving its payload in the socket for `splice`.
+    exact_headers: bool,
 }
 
 impl Conn {
@@ -463,6 +530,9 @@ impl Conn {
                 timer: None,
                 flush_bh: None,
                 spare_payload: None,
+                pipe: None,
+                no_splice: false,
+                exact_headers: false,
             })
         });
         shared.register(&ctx, Arc::downgrade(&conn));
@@ -525,14 +595,23 @@ impl Conn {
     // -- socket events -----------------------------------------------------
 
     fn on_readable(&mut self) {
-        for _ in 0..READS_PER_EVENT {
+        let mut reads = 0;
+        while reads < READS_PER_EVENT {
             if !self.wants_read() {
                 break;
             }
             // How much we asked for: a shorter read means the socket is
             // drained, and another read would only return EAGAIN.
             let asked;
+            // Reading one request header costs little; the payload after
+            // it is what counts towards the budget.
+            let mut header_only = false;
             let res = match &mut self.phase {
+                Phase::SplicePayload { .. } => {
+                    let (a, res) = self.splice_payload();
+                    asked = a;
+                    res
+                }
                 // Large payloads go straight into their own buffer.
                 Phase::Payload { buf, filled, .. }
                     if self.inbuf.len() == 0 && buf.len() - *filled >= DIRECT_READ_MIN =>
@@ -545,11 +624,22 @@ impl Conn {
                     res
                 }
                 _ => {
-                    let spare = self.inbuf.spare();
+                    let header_left = if self.exact_headers && matches!(self.phase, Phase::Request)
+                    {
+                        proto::REQUEST_LEN.saturating_sub(self.inbuf.len())
+                    } else {
+                        0
+                    };
+                    let mut spare = self.inbuf.spare();
                     if spare.is_empty() {
                         // Only reachable with requests held back by the
                         // limits; completions will resume them.
                         break;
+                    }
+                    if header_left > 0 {
+                        header_only = true;
+                        let len = header_left.min(spare.len());
+                        spare = &mut spare[..len];
                     }
                     asked = spare.len();
                     let res = self.stream.read(spare);
@@ -559,6 +649,9 @@ impl Conn {
                     res
                 }
             };
+            if !header_only {
+                reads += 1;
+            }
             match res {
                 Ok(0) => {
                     if self.inflight > 0 || self.inbuf.len() > 0 || !self.is_idle_phase() {
@@ -800,6 +893,8 @@ impl Conn {
                     };
                     self.start_write(req, fua, buf);
                 }
+                // Its bytes are in the socket, not in the input buffer.
+                Phase::SplicePayload { .. } => return,
                 Phase::SkipPayload {
                     handle,
                     remaining,
@@ -861,6 +956,7 @@ impl Conn {
     fn handle_request(&mut self, req: Request) {
         let session = self.session.expect("transmission phase");
         trace!(peer = %self.peer, ?req, "request");
+        self.exact_headers = false;
         let cmd = match proto::validate(&req, &session) {
             Ok(cmd) => cmd,
             Err(e) => {
@@ -959,6 +1055,8 @@ impl Conn {
             }
             Command::Write { length, fua, .. } => {
                 let len = length as usize;
+                let splice = !fua && export.spliceable(req.offset, len) && self.has_pipe();
+                self.exact_headers = splice;
                 if length == 0 {
                     self.start_write(req, fua, Vec::new());
                 } else if self.inbuf.len() >= len {
@@ -978,6 +1076,10 @@ impl Conn {
                             });
                         }
                     }
+                } else if splice && self.inbuf.len() == 0 {
+                    trace!(peer = %self.peer, handle = req.handle, "write payload spliced");
+                    self.held_bytes += len;
+                    self.phase = Phase::SplicePayload { req, done: 0 };
                 } else {
                     self.held_bytes += len;
                     self.phase = Phase::Payload {
@@ -1033,6 +1135,104 @@ impl Conn {
                 Outcome::Extents { context, extents }
             }),
         }
+    }
+
+    /// Whether the pipe for spliced payloads is there, making it if this is
+    /// the first time it is needed.
+    fn has_pipe(&mut self) -> bool {
+        if self.pipe.is_none() && !self.no_splice {
+            match PayloadPipe::new() {
+                Ok(pipe) => self.pipe = Some(pipe),
+                Err(e) => {
+                    warn!(peer = %self.peer, error = %e, "no pipe to splice write payloads, copying them");
+                    self.no_splice = true;
+                }
+            }
+        }
+        self.pipe.is_some()
+    }
+
+    /// Moves the next piece of a spliced write payload from the socket
+    /// through the pipe into the file, and queues the reply once the whole
+    /// payload is there. Returns how many bytes it asked the socket for and
+    /// the socket's answer, like a `read`: bytes moved, 0 at end of stream.
+    fn splice_payload(&mut self) -> (usize, io::Result<usize>) {
+        let Phase::SplicePayload { req, done } = &mut self.phase else {
+            unreachable!("splice_payload outside a spliced payload")
+        };
+        let pipe = self.pipe.as_ref().expect("pipe of a spliced payload");
+        let asked = (req.length as usize - *done).min(pipe.capacity);
+        let moved = rustix::pipe::splice(
+            self.stream.fd(),
+            None,
+            &pipe.write,
+            None,
+            asked,
+            SpliceFlags::NONBLOCK,
+        );
+        let n = match moved {
+            Ok(0) => return (asked, Ok(0)),
+            Ok(n) => n,
+            Err(Errno::INVAL) if *done == 0 => {
+                // This kind of socket cannot splice. Nothing was taken
+                // from it, so read this payload into a buffer instead, as
+                // all later ones; the Interrupted error makes on_readable
+                // try again.
+                info!(peer = %self.peer, "socket cannot splice, copying write payloads");
+                self.no_splice = true;
+                self.pipe = None;
+                self.exact_headers = false;
+                let Phase::SplicePayload { req, .. } =
+                    std::mem::replace(&mut self.phase, Phase::Request)
+                else {
+                    unreachable!()
+                };
+                let buf = self.payload_buffer(req.length as usize);
+                self.phase = Phase::Payload {
+                    req,
+                    fua: false,
+                    buf,
+                    filled: 0,
+                };
+                return (asked, Err(io::ErrorKind::Interrupted.into()));
+            }
+            Err(e) => return (asked, Err(e.into())),
+        };
+        let offset = req.offset + *done as u64;
+        *done += n;
+        let left = req.length as usize - *done;
+        let written = self.export.write_from_pipe(pipe.read.as_fd(), offset, n);
+        if written.is_err() {
+            if let Err(e) = pipe.discard() {
+                // What stays in the pipe would go into the next payload.
+                warn!(peer = %self.peer, error = %e, "closing");
+                self.close();
+                return (asked, Ok(n));
+            }
+        }
+        if left > 0 && written.is_ok() {
+            return (asked, Ok(n));
+        }
+        let Phase::SplicePayload { req, .. } = std::mem::replace(&mut self.phase, Phase::Request)
+        else {
+            unreachable!()
+        };
+        match written {
+            Ok(()) => self.complete(req, Outcome::Done),
+            Err(e) if left == 0 => self.complete(req, Outcome::io_error(&e)),
+            Err(e) => {
+                warn!(peer = %self.peer, handle = req.handle, error = %e,
+                      "write failed, skipping the rest of its payload");
+                self.held_bytes -= req.length as usize;
+                self.phase = Phase::SkipPayload {
+                    handle: req.handle,
+                    remaining: left as u64,
+                    error: nbd_errno(&e),
+                    message: "write failed",
+                };
+            }
+        }
+        (asked, Ok(n))
     }
 
     fn start_write(&mut self, req: Request, fua: bool, buf: Vec<u8>) {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use rustix::fs::{Advice, FallocateFlags, SeekFrom};
 use rustix::io::{Errno, ReadWriteFlags};
+use rustix::pipe::SpliceFlags;
 
 use crate::proto::{errno, state, Extent};
 
@@ -36,6 +37,9 @@ pub struct Export {
     /// `usize::MAX` turns that off (by choice, or because the kernel or
     /// file system lacks `cachestat` or `sendfile`).
     sendfile_min: AtomicUsize,
+    /// Whether large write payloads may be spliced from the socket into the
+    /// file ([`Export::spliceable`]).
+    splice_writes: AtomicBool,
 }
 
 /// Default for [`Export::set_sendfile_min`]. Below this, copying through a
@@ -80,6 +84,15 @@ const INLINE_WRITE_SLOW: Duration = Duration::from_millis(1);
 /// again.
 const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Smallest write payload [`Export::spliceable`] accepts. Splicing costs two
+/// system calls per payload, plus a read of exactly one request header
+/// before it, where a copied payload shares its `read` with its
+/// neighbours; from 32 KiB the copy it saves costs more. `qemu-img bench
+/// -d 32 -w`, 3 interleaved runs (2-vCPU VM, Linux 6.18, ext4), IOPS spliced
+/// / copied: 16 KiB 100-114k / 107-110k, 32 KiB 68-73k / 54-61k; at 64 KiB
+/// the server's CPU per write fell from 30 to 23 µs.
+const SPLICE_MIN: usize = 32 * 1024;
+
 /// Why a write-zeroes request failed.
 #[derive(Debug)]
 pub enum ZeroError {
@@ -102,6 +115,7 @@ impl Export {
             inline_writes_after: AtomicU64::new(0),
             epoch: Instant::now(),
             sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
+            splice_writes: AtomicBool::new(!read_only),
         })
     }
 
@@ -131,6 +145,7 @@ impl Export {
                             inline_writes_after: AtomicU64::new(0),
                             epoch: Instant::now(),
                             sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
+                            splice_writes: AtomicBool::new(true),
                         },
                         path,
                     ));
@@ -296,26 +311,94 @@ impl Export {
     /// disk). The write is complete when this returns, so a later flush
     /// covers it like any other.
     pub fn write_inline(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
+        if !self.inline_write_ok(offset, buf.len()) {
+            return None;
+        }
+        Some(self.timed_inline_write(|| self.write_at(buf, offset, false)))
+    }
+
+    /// Whether a non-FUA write of `len` bytes at `offset` may be done on
+    /// the loop thread (see [`Export::write_inline`]).
+    fn inline_write_ok(&self, offset: u64, len: usize) -> bool {
         const PAGE: u64 = 4096;
-        if buf.is_empty()
-            || buf.len() > INLINE_WRITE_MAX
-            || !offset.is_multiple_of(PAGE)
-            || !(buf.len() as u64).is_multiple_of(PAGE)
-        {
-            return None;
-        }
+        len > 0
+            && len <= INLINE_WRITE_MAX
+            && offset.is_multiple_of(PAGE)
+            && (len as u64).is_multiple_of(PAGE)
+            && self.epoch.elapsed().as_nanos() as u64
+                >= self.inline_writes_after.load(Ordering::Relaxed)
+    }
+
+    /// Runs an inline write, and sends writes to the workers for a while if
+    /// it took long enough to show it blocked.
+    fn timed_inline_write<T>(&self, write: impl FnOnce() -> T) -> T {
         let start = self.epoch.elapsed();
-        let now_ns = start.as_nanos() as u64;
-        if now_ns < self.inline_writes_after.load(Ordering::Relaxed) {
-            return None;
-        }
-        let res = self.write_at(buf, offset, false);
+        let res = write();
         let took = self.epoch.elapsed() - start;
         if took > INLINE_WRITE_SLOW {
-            let until = now_ns + (took + INLINE_WRITE_BACKOFF).as_nanos() as u64;
+            let until = (start + took + INLINE_WRITE_BACKOFF).as_nanos() as u64;
             self.inline_writes_after.store(until, Ordering::Relaxed);
         }
-        Some(res)
+        res
+    }
+
+    /// Turns splicing of write payloads on or off (see
+    /// [`Export::spliceable`]). A read-only export never splices.
+    pub fn set_splice_writes(&self, on: bool) {
+        self.splice_writes
+            .store(on && !self.read_only, Ordering::Relaxed);
+    }
+
+    /// Whether the payload of a non-FUA write of `len` bytes at `offset`
+    /// should move from the socket into the file with `splice(2)` (socket
+    /// to pipe, which takes references to the socket's pages, then pipe to
+    /// file, the one copy) instead of being read into a buffer and written
+    /// from it (two copies). Such writes run on the loop thread, so this
+    /// takes only what [`Export::write_inline`] would, and only payloads
+    /// of at least `SPLICE_MIN` bytes.
+    pub fn spliceable(&self, offset: u64, len: usize) -> bool {
+        len >= SPLICE_MIN
+            && self.splice_writes.load(Ordering::Relaxed)
+            && self.inline_write_ok(offset, len)
+    }
+
+    /// Moves exactly `len` bytes from the pipe `pipe` into the file at
+    /// `offset` with `splice(2)`. On an error the pipe may still hold some
+    /// of them; the caller discards them.
+    pub fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        self.timed_inline_write(|| {
+            let mut pos = offset;
+            let end = offset + len as u64;
+            while pos < end {
+                let left = (end - pos) as usize;
+                match rustix::pipe::splice(
+                    pipe,
+                    None,
+                    &self.file,
+                    Some(&mut pos),
+                    left,
+                    SpliceFlags::empty(),
+                ) {
+                    // The pipe holds the bytes already, so it cannot be
+                    // empty unless something else read it.
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "splice from the payload pipe: pipe empty",
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(Errno::INTR) => {}
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            io::Error::from(e).kind(),
+                            format!("splice from the payload pipe into the image: {e}"),
+                        ))
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Fills `buf` from `offset`. Bytes past the end of the file read as

@@ -1,0 +1,259 @@
+//! Large page-aligned write payloads move from the socket into the image
+//! with splice(2): exact contents for payloads on both sides of every
+//! limit (size, alignment, FUA), whole or in pieces, at depth, over TCP and
+//! Unix sockets; the same with `--no-splice`; and a write that fails
+//! half-way through its payload.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use aioctx_nbd::proto::{cmd, cmd_flags, encode_request, Request};
+use common::{path_str, Client, Reply, Server};
+
+/// Logged at trace level for every write whose payload is spliced.
+const SPLICED_LOG: &str = "write payload spliced";
+
+const IMAGE_SIZE: usize = 8 << 20;
+
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Unix,
+}
+
+fn start(transport: Transport, dir: &tempfile::TempDir, args: &[&str]) -> (Server, Client) {
+    let sock = dir.path().join("nbd.sock");
+    let server = match transport {
+        Transport::Tcp => Server::start(args),
+        Transport::Unix => Server::start_unix(&sock, args),
+    };
+    let mut c = match transport {
+        Transport::Tcp => Client::connect(server.port),
+        Transport::Unix => Client::connect_unix(&sock),
+    };
+    c.go("", false);
+    (server, c)
+}
+
+/// A payload no other write in the test has.
+fn pattern(handle: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|j| (handle as usize * 131 + j * 7 + (j >> 12)) as u8)
+        .collect()
+}
+
+fn write_request(handle: u64, flags: u16, offset: u64, len: usize) -> Vec<u8> {
+    encode_request(&Request {
+        flags,
+        kind: cmd::WRITE,
+        handle,
+        offset,
+        length: len as u32,
+    })
+    .to_vec()
+}
+
+fn expect_ok(c: &mut Client, n: usize) {
+    for _ in 0..n {
+        match c.reply() {
+            Reply::Simple { error: 0, .. } => {}
+            other => panic!("bad write reply {other:?}"),
+        }
+    }
+}
+
+fn read_back(c: &mut Client, handle: u64, offset: u64, len: usize) -> Vec<u8> {
+    c.request(cmd::READ, 0, handle, offset, len as u32);
+    assert_eq!(c.reply(), Reply::Simple { error: 0, handle });
+    c.read_n(len)
+}
+
+/// Sends writes of every shape, in bursts and in pieces, and checks every
+/// byte of the image afterwards, through the server and in the file.
+/// Returns the server's log.
+fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
+    let dir = common::scratch();
+    let img = dir.path().join("disk.img");
+    common::make_image(&img, IMAGE_SIZE as u64, |_| None);
+    let mut args = vec!["-t", "-vv"];
+    args.extend_from_slice(extra_args);
+    args.push(path_str(&img));
+    let (server, mut c) = start(transport, &dir, &args);
+    let mut model = vec![0u8; IMAGE_SIZE];
+    let mut handle = 0u64;
+    let mut write = |model: &mut Vec<u8>, flags: u16, off: u64, len: usize| {
+        handle += 1;
+        let data = pattern(handle, len);
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        let mut b = write_request(handle, flags, off, len);
+        b.extend_from_slice(&data);
+        b
+    };
+
+    // One burst of every shape, disjoint ranges (writes in flight together may land in any
+    // order). Spliced: 32 KiB, 48 KiB and 64 KiB at page offsets. Copied: one byte short of
+    // 32 KiB, 64 KiB + 4 KiB, 64 KiB at an odd offset, 64 KiB with FUA, and small writes.
+    let shapes: &[(u16, u64, usize)] = &[
+        (0, 0, 64 << 10),
+        (0, 64 << 10, 32 << 10),
+        (0, 96 << 10, (32 << 10) - 1),
+        (0, 128 << 10, 48 << 10),
+        (0, 192 << 10, 4096),
+        (0, 200 << 10, (64 << 10) + 4096),
+        (0, (280 << 10) + 3, 64 << 10),
+        (cmd_flags::FUA, 352 << 10, 64 << 10),
+        (0, 416 << 10, 64 << 10),
+        (0, 480 << 10, 100),
+    ];
+    let mut burst = Vec::new();
+    for &(flags, off, len) in shapes {
+        burst.extend(write(&mut model, flags, off, len));
+    }
+    c.send(&burst);
+    expect_ok(&mut c, shapes.len());
+
+    // 64 writes of 64 KiB in one go: most payloads wait in the socket behind the others.
+    let base = 1u64 << 20;
+    let mut burst = Vec::new();
+    for i in 0..64u64 {
+        burst.extend(write(&mut model, 0, base + i * 65536, 65536));
+    }
+    c.send(&burst);
+    expect_ok(&mut c, 64);
+
+    // Payloads in pieces: header alone, then the payload in uneven parts, one write at a
+    // time, so the server sees payloads arrive after their header.
+    for i in 0..8u64 {
+        let off = (6 << 20) + i * 65536;
+        let b = write(&mut model, 0, off, 65536);
+        let cuts = [0, 28, 28 + 1, 28 + 4096 + 7, 28 + 40_000, b.len()];
+        for w in cuts.windows(2) {
+            c.send(&b[w[0]..w[1]]);
+        }
+        expect_ok(&mut c, 1);
+    }
+
+    let got = read_back(&mut c, 9999, 0, IMAGE_SIZE);
+    let first_diff = got.iter().zip(&model).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "{transport:?}: read back differs from the writes"
+    );
+    c.request(cmd::FLUSH, 0, 10_000, 0, 0);
+    assert_eq!(
+        c.reply(),
+        Reply::Simple {
+            error: 0,
+            handle: 10_000
+        }
+    );
+    c.request(cmd::DISC, 0, 0, 0, 0);
+    c.expect_closed();
+    let log = server.kill();
+    let file = std::fs::read(&img).unwrap();
+    let first_diff = file.iter().zip(&model).position(|(a, b)| a != b);
+    assert_eq!(
+        first_diff, None,
+        "{transport:?}: the file differs from the writes"
+    );
+    log
+}
+
+#[test]
+fn spliced_writes_land_exactly_tcp() {
+    let log = writes_land_exactly(Transport::Tcp, &[]);
+    assert!(log.contains(SPLICED_LOG), "no write was spliced:\n{log}");
+}
+
+#[test]
+fn spliced_writes_land_exactly_unix() {
+    let log = writes_land_exactly(Transport::Unix, &[]);
+    assert!(log.contains(SPLICED_LOG), "no write was spliced:\n{log}");
+}
+
+#[test]
+fn no_splice_copies_every_payload() {
+    let log = writes_land_exactly(Transport::Tcp, &["--no-splice"]);
+    assert!(!log.contains(SPLICED_LOG), "{log}");
+}
+
+/// Clears the immutable attribute on drop, so the scratch directory can be removed even if
+/// the test fails.
+struct Immutable<'a>(&'a Path);
+
+impl<'a> Immutable<'a> {
+    /// `chattr +i`, or `None` where that is not allowed (not root, a file system without
+    /// the attribute).
+    fn set(path: &'a Path) -> Option<Immutable<'a>> {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Immutable(path))
+    }
+}
+
+impl Drop for Immutable<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(self.0).status();
+    }
+}
+
+/// The image turns immutable under the server, so splicing into it fails with EPERM,
+/// half-way through a payload that arrives in two parts: the write gets an error reply, the
+/// rest of its payload is not taken for a request, and the writes after it work once the
+/// file is writable again.
+#[test]
+fn failed_spliced_write_gets_an_error_and_the_stream_stays_in_sync() {
+    let dir = common::scratch();
+    let img = dir.path().join("disk.img");
+    common::make_image(&img, 1 << 20, |_| None);
+    let (server, mut c) = start(Transport::Tcp, &dir, &["-t", "-vv", path_str(&img)]);
+    let data = pattern(1, 65536);
+    // Three good writes: from the second on, payloads are spliced.
+    for h in 1..=3u64 {
+        let mut b = write_request(h, 0, 0, 65536);
+        b.extend_from_slice(&data);
+        c.send(&b);
+        expect_ok(&mut c, 1);
+    }
+    let Some(immutable) = Immutable::set(&img) else {
+        eprintln!("skipped: chattr +i is not allowed here");
+        return;
+    };
+    for h in [10u64, 11] {
+        let mut b = write_request(h, 0, 0, 65536);
+        b.extend_from_slice(&pattern(h, 65536));
+        c.send(&b[..28 + 16384]);
+        c.send(&b[28 + 16384..]);
+        match c.reply() {
+            Reply::Simple { error, handle } => {
+                assert_eq!(handle, h);
+                assert_ne!(error, 0, "a write into an immutable file succeeded");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(immutable);
+    let good = pattern(12, 65536);
+    let mut b = write_request(12, 0, 131_072, 65536);
+    b.extend_from_slice(&good);
+    c.send(&b);
+    expect_ok(&mut c, 1);
+    assert!(read_back(&mut c, 13, 131_072, 65536) == good);
+    assert!(
+        read_back(&mut c, 14, 0, 65536) == data,
+        "a failed write changed the data"
+    );
+    c.request(cmd::DISC, 0, 0, 0, 0);
+    c.expect_closed();
+    let log = server.kill();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(SPLICED_LOG) && l.contains("handle=10")),
+        "the failing write was not spliced:\n{log}"
+    );
+}
