@@ -10,7 +10,9 @@
 //! socket into the file with `splice` through a pipe (one copy instead of
 //! two, see [`Export::spliceable`]). That needs the payload still in the
 //! socket, so after such a write the connection reads exactly one request
-//! header at a time until a request of another kind comes.
+//! header at a time until a request of another kind comes. While a
+//! payload is incomplete the connection keeps its context from
+//! busy-polling ([`aioctx::AioContext::disable_polling`]).
 //!
 //! Requests run concurrently: large reads whose range is in the page cache
 //! are queued as file ranges and sent with `sendfile` (no copy on this
@@ -35,7 +37,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use aioctx::{AioContext, Bh, ClockType, Handler, Timer, SCALE_MS};
+use aioctx::{AioContext, Bh, ClockType, Handler, PollingDisabled, Timer, SCALE_MS};
 use parking_lot::Mutex;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
@@ -493,6 +495,8 @@ pub struct Conn {
     /// the next one probably is too: read exactly one request header at a
     /// time, leaving its payload in the socket for `splice`.
     exact_headers: bool,
+    /// Held while the connection waits for the rest of a payload (see `on_readable`).
+    no_spin: Option<PollingDisabled>,
 }
 
 impl Conn {
@@ -533,6 +537,7 @@ impl Conn {
                 pipe: None,
                 no_splice: false,
                 exact_headers: false,
+                no_spin: None,
             })
         });
         shared.register(&ctx, Arc::downgrade(&conn));
@@ -680,6 +685,19 @@ impl Conn {
         if !self.closed {
             self.flush_output();
         }
+        // In the middle of a payload the rest is on its way, at the rate the client can
+        // send it: sleep until it has piled up instead of spinning to take it piece by piece
+        // as it arrives. With 64 KiB writes at depth 32, spinning through payloads cost the
+        // client (on the other CPU) about 35 µs per request instead of 25, and 15% of the
+        // throughput. Other connections on this loop stay served: only the spin is off.
+        let mid_payload = !self.closed
+            && matches!(
+                self.phase,
+                Phase::Payload { .. } | Phase::SplicePayload { .. }
+            );
+        if mid_payload != self.no_spin.is_some() {
+            self.no_spin = mid_payload.then(|| self.ctx.disable_polling());
+        }
     }
 
     fn is_idle_phase(&self) -> bool {
@@ -772,6 +790,7 @@ impl Conn {
         }
         self.stream.shutdown();
         self.out = OutQueue::default();
+        self.no_spin = None;
         info!(peer = %self.peer, "connection closed");
         if self.inflight == 0 {
             self.shared.connection_finished();
