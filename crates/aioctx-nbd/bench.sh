@@ -13,9 +13,11 @@
 # Environment: BENCH_SCALE=N multiplies the request counts (default 1),
 # BENCH_DIV=N divides them (default 1), SERVERS="..." picks the servers
 # (default: aioctx-nbd and the three peers). aioctx-nbd runs with its
-# defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB);
-# it can also run as aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-copy
-# (--no-sendfile: every read copied through a buffer), aioctx-nbd-io_uring
+# defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB,
+# splice for page-aligned writes of 32-64 KiB); it can also run as
+# aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-copy (--no-sendfile:
+# every read copied through a buffer), aioctx-nbd-nosplice (--no-splice:
+# every write payload read into a buffer), aioctx-nbd-io_uring
 # (AIOCTX_BACKEND=io_uring) and aioctx-nbd-io_uring-nopoll. POLL_MAX_NS=N
 # sets the window of every aioctx-nbd variant that polls, e.g.:
 #   SERVERS="aioctx-nbd aioctx-nbd-nopoll aioctx-nbd-copy nbdkit-file" \
@@ -79,6 +81,8 @@ start_server() {
                 exec "$aioctx_nbd" --poll-max-ns 0 -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-copy)
                 exec "$aioctx_nbd" "${poll_args[@]}" --no-sendfile -t -b 127.0.0.1 -p "$p" "$img" ;;
+            aioctx-nbd-nosplice)
+                exec "$aioctx_nbd" "${poll_args[@]}" --no-splice -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-io_uring)
                 AIOCTX_BACKEND=io_uring exec "$aioctx_nbd" "${poll_args[@]}" -t -b 127.0.0.1 -p "$p" "$img" ;;
             aioctx-nbd-io_uring-nopoll)
@@ -107,7 +111,7 @@ tests=(
 read -r -a servers <<<"${SERVERS:-aioctx-nbd qemu-nbd-threads qemu-nbd-io_uring nbdkit-file}"
 for s in "${servers[@]}"; do
     case "$s" in
-        aioctx-nbd | aioctx-nbd-nopoll | aioctx-nbd-copy | aioctx-nbd-io_uring | aioctx-nbd-io_uring-nopoll) ;;
+        aioctx-nbd | aioctx-nbd-nopoll | aioctx-nbd-copy | aioctx-nbd-nosplice | aioctx-nbd-io_uring | aioctx-nbd-io_uring-nopoll) ;;
         qemu-nbd-threads | qemu-nbd-io_uring | nbdkit-file) ;;
         *) echo "bench.sh: unknown server $s" >&2; exit 1 ;;
     esac
