@@ -519,8 +519,9 @@ fn polling_guards_from_many_threads_balance() {
     let before = ctx.stats();
     grow_window_once(&ctx);
     let after = ctx.stats();
+    // No handler lacks io_poll here, so every back end spins, Windows included.
     let spun = after.poll_hits + after.poll_misses > before.poll_hits + before.poll_misses;
-    assert_eq!(spun, cfg!(unix), "{after:?}");
+    assert!(spun, "no spin once the guards are gone: {after:?}");
 }
 
 /// Replacing a handler's io_poll: the old one is never called again.
