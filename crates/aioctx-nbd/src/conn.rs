@@ -10,9 +10,12 @@
 //! socket into the file with `splice` through a pipe (one copy instead of
 //! two, see [`Export::spliceable`]). That needs the payload still in the
 //! socket, so after such a write the connection reads exactly one request
-//! header at a time until a request of another kind comes. While a
-//! payload is incomplete the connection keeps its context from
-//! busy-polling ([`aioctx::AioContext::disable_polling`]).
+//! header at a time until a request of another kind comes. A spliced
+//! payload reaches the file piece by piece as it arrives, so a client that
+//! vanishes half-way leaves the first part of its write in the image: the
+//! write was never acknowledged, and NBD, like a disk, promises nothing
+//! for it. While a payload is incomplete the connection keeps its context
+//! from busy-polling ([`aioctx::AioContext::disable_polling`]).
 //!
 //! Requests run concurrently: large reads whose range is in the page cache
 //! are queued as file ranges and sent with `sendfile` (no copy on this
