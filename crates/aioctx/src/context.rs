@@ -523,7 +523,8 @@ impl AioContext {
     /// `poll_disable_cnt` (which QEMU raises for each handler without `io_poll`): polling
     /// resumes when the last one is gone, with the window it had, where
     /// [`set_poll_params`](Self::set_poll_params) would start it again from 0. Cheap enough to
-    /// take and drop per message: one atomic operation each. Any thread may call this; a
+    /// take and drop per message: the counter and the context's reference count, two atomic
+    /// operations each way. Any thread may call this; a
     /// spin already running finishes its window.
     ///
     /// For a caller who knows a spin would not pay right now, such as a server in the middle

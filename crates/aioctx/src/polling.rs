@@ -323,7 +323,8 @@ pub struct Stats {
     pub poll_hits: u64,
     /// Polling windows that ran out without finding work (the poll then waited in the kernel).
     pub poll_misses: u64,
-    /// The current polling window in ns (0 when polling is disabled or has shrunk to nothing).
+    /// The current polling window in ns (0 when `poll_max_ns` is 0 or the window has shrunk to
+    /// nothing; a [`PollingDisabled`](crate::PollingDisabled) guard leaves it as it was).
     pub poll_window_ns: u64,
 }
 
