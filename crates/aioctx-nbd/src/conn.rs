@@ -10,7 +10,7 @@
 //! socket into the file with `splice` through a pipe (one copy instead of
 //! two, see [`Export::spliceable`]). That needs the payload still in the
 //! socket, so after such a write the connection reads exactly one request
-//! header at a time until a request of another kind comes. A spliced
+//! header at a time until a request comes that is not such a write. A spliced
 //! payload reaches the file piece by piece as it arrives, so a client that
 //! vanishes half-way leaves the first part of its write in the image: the
 //! write was never acknowledged, and NBD, like a disk, promises nothing
@@ -40,7 +40,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use aioctx::{AioContext, Bh, ClockType, Handler, PollingDisabled, Timer, SCALE_MS};
+use aioctx::{
+    clock_get_ns, AioContext, Bh, ClockType, Handler, PollingDisabled, Timer, SCALE_MS, SCALE_NS,
+};
 use parking_lot::Mutex;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
@@ -72,10 +74,18 @@ const MAX_EXTENTS: usize = 1024;
 /// Slices per `writev` (well under `IOV_MAX`).
 const IOV_BATCH: usize = 128;
 /// Size asked for the pipe that spliced payloads pass through. A payload
-/// that arrived in many small pieces takes one pipe slot per piece, so the
-/// default 16 slots can hold less than 64 KiB; 1 MiB is the most an
-/// unprivileged process may ask for, and a quarter of it is plenty.
-const PAYLOAD_PIPE_SIZE: usize = 256 * 1024;
+/// that arrived in many small pieces takes one pipe slot (a page's worth
+/// of capacity) per piece, so 16 slots can hold less than 64 KiB; 32 give
+/// room. Each pipe counts against the user's pipe budget
+/// (fs.pipe-user-pages-soft, 64 MiB by default: 512 connections).
+const PAYLOAD_PIPE_SIZE: usize = 128 * 1024;
+/// A smaller pipe than this (what the kernel gives a user past the budget)
+/// is not used: payloads are copied instead.
+const PAYLOAD_PIPE_MIN: usize = 64 * 1024;
+/// A connection waiting for the rest of a payload stops its loop from
+/// busy-polling, but no longer than this without a read event: a client
+/// that stops half-way must not keep the loop's other clients from it.
+const PAYLOAD_STALL_NS: i64 = 1_000_000;
 
 /// A connected client socket.
 #[derive(Debug)]
@@ -143,8 +153,13 @@ enum Phase {
         filled: usize,
     },
     /// The payload of a write moving from the socket into the file with
-    /// `splice` (see [`Export::spliceable`]); `done` bytes are in the file.
-    SplicePayload { req: Request, done: usize },
+    /// `splice` (see [`Export::spliceable`]): `received` bytes have left
+    /// the socket, `written` of them are in the file, the rest in the pipe.
+    SplicePayload {
+        req: Request,
+        received: usize,
+        written: usize,
+    },
     /// Skipping the payload of a refused write, then sending its error.
     SkipPayload {
         handle: u64,
@@ -377,6 +392,35 @@ impl OutQueue {
     }
 }
 
+/// What one `read` (or `splice`) from the socket gave.
+enum Pull {
+    /// `got` bytes of the `asked`: fewer means the socket is drained for now.
+    Data { got: usize, asked: usize },
+    /// Nothing there: wait for the socket to be readable again.
+    WouldBlock,
+    /// Nothing this time, but try again at once (a signal, or the payload
+    /// changed paths).
+    Again,
+    /// The client closed its end.
+    Eof,
+    /// The socket failed.
+    Failed(io::Error),
+    /// The connection was closed while the bytes were handled.
+    Closed,
+}
+
+impl Pull {
+    fn from_read(asked: usize, res: io::Result<usize>) -> Pull {
+        match res {
+            Ok(0) => Pull::Eof,
+            Ok(got) => Pull::Data { got, asked },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pull::WouldBlock,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Pull::Again,
+            Err(e) => Pull::Failed(e),
+        }
+    }
+}
+
 /// The pipe that spliced write payloads pass through on their way from
 /// the socket into the file. It is empty between `splice` calls.
 struct PayloadPipe {
@@ -390,10 +434,15 @@ impl PayloadPipe {
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
             .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("pipe2: {e}")))?;
         // Past the per-user pipe budget (fs.pipe-user-pages-soft) the
-        // kernel refuses to grow pipes; the default size still works.
+        // kernel refuses to grow pipes, and new ones get two slots.
         let capacity = rustix::pipe::fcntl_setpipe_size(&write, PAYLOAD_PIPE_SIZE)
             .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
             .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("F_GETPIPE_SZ: {e}")))?;
+        if capacity < PAYLOAD_PIPE_MIN {
+            return Err(io::Error::other(format!(
+                "a pipe of {capacity} bytes (the user's pipe budget is spent)"
+            )));
+        }
         Ok(PayloadPipe {
             read,
             write,
@@ -498,8 +547,14 @@ pub struct Conn {
     /// the next one probably is too: read exactly one request header at a
     /// time, leaving its payload in the socket for `splice`.
     exact_headers: bool,
-    /// Held while the connection waits for the rest of a payload (see `on_readable`).
+    /// Held while the connection waits for the rest of a payload (see
+    /// [`Conn::update_spin_guard`]).
     no_spin: Option<PollingDisabled>,
+    /// Drops `no_spin` after `PAYLOAD_STALL_NS` without a read event.
+    stall_timer: Option<Timer>,
+    /// Read events so far, and their count when `stall_timer` was armed.
+    read_events: u64,
+    stall_mark: u64,
 }
 
 impl Conn {
@@ -541,6 +596,9 @@ impl Conn {
                 no_splice: false,
                 exact_headers: false,
                 no_spin: None,
+                stall_timer: None,
+                read_events: 0,
+                stall_mark: 0,
             })
         });
         shared.register(&ctx, Arc::downgrade(&conn));
@@ -603,33 +661,27 @@ impl Conn {
     // -- socket events -----------------------------------------------------
 
     fn on_readable(&mut self) {
+        self.read_events += 1;
         let mut reads = 0;
         while reads < READS_PER_EVENT {
             if !self.wants_read() {
                 break;
             }
-            // How much we asked for: a shorter read means the socket is
-            // drained, and another read would only return EAGAIN.
-            let asked;
             // Reading one request header costs little; the payload after
             // it is what counts towards the budget.
             let mut header_only = false;
-            let res = match &mut self.phase {
-                Phase::SplicePayload { .. } => {
-                    let (a, res) = self.splice_payload();
-                    asked = a;
-                    res
-                }
+            let pull = match &mut self.phase {
+                Phase::SplicePayload { .. } => self.splice_payload(),
                 // Large payloads go straight into their own buffer.
                 Phase::Payload { buf, filled, .. }
                     if self.inbuf.len() == 0 && buf.len() - *filled >= DIRECT_READ_MIN =>
                 {
-                    asked = buf.len() - *filled;
+                    let asked = buf.len() - *filled;
                     let res = self.stream.read(&mut buf[*filled..]);
                     if let Ok(n) = res {
                         *filled += n;
                     }
-                    res
+                    Pull::from_read(asked, res)
                 }
                 _ => {
                     let header_left = if self.exact_headers && matches!(self.phase, Phase::Request)
@@ -649,19 +701,29 @@ impl Conn {
                         let len = header_left.min(spare.len());
                         spare = &mut spare[..len];
                     }
-                    asked = spare.len();
+                    let asked = spare.len();
                     let res = self.stream.read(spare);
                     if let Ok(n) = res {
                         self.inbuf.tail += n;
                     }
-                    res
+                    Pull::from_read(asked, res)
                 }
             };
             if !header_only {
                 reads += 1;
             }
-            match res {
-                Ok(0) => {
+            match pull {
+                Pull::Data { got, asked } => {
+                    self.process_input();
+                    // A short read drained the socket: another would only
+                    // return EAGAIN.
+                    if got < asked {
+                        break;
+                    }
+                }
+                Pull::Again => {}
+                Pull::WouldBlock => break,
+                Pull::Eof => {
                     if self.inflight > 0 || self.inbuf.len() > 0 || !self.is_idle_phase() {
                         info!(peer = %self.peer, "client vanished mid-request");
                     } else {
@@ -670,36 +732,63 @@ impl Conn {
                     self.close();
                     return;
                 }
-                Ok(n) => {
-                    self.process_input();
-                    if n < asked {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
+                Pull::Failed(e) => {
                     info!(peer = %self.peer, error = %e, "read error, closing");
                     self.close();
                     return;
                 }
+                Pull::Closed => return,
             }
         }
         if !self.closed {
             self.flush_output();
         }
-        // In the middle of a payload the rest is on its way, at the rate the client can
-        // send it: sleep until it has piled up instead of spinning to take it piece by piece
-        // as it arrives. With 64 KiB writes at depth 32, spinning through payloads cost the
-        // client (on the other CPU) about 35 µs per request instead of 25, and 15% of the
-        // throughput. Other connections on this loop stay served: only the spin is off.
+    }
+
+    /// Holds a [`PollingDisabled`] guard while a write payload is
+    /// incomplete. The rest is on its way at the rate the client can send
+    /// it: sleeping until it has piled up beats spinning to take it piece
+    /// by piece as it arrives. With 64 KiB writes at depth 32, spinning
+    /// through payloads cost the client (on the other CPU) 32-42 µs per
+    /// request instead of 23-29 µs. A client that stops half-way must not
+    /// keep the other connections on this loop from polling, so a timer
+    /// drops the guard after `PAYLOAD_STALL_NS` without a read event; the
+    /// next one takes it again.
+    fn update_spin_guard(&mut self) {
         let mid_payload = !self.closed
             && matches!(
                 self.phase,
                 Phase::Payload { .. } | Phase::SplicePayload { .. }
             );
-        if mid_payload != self.no_spin.is_some() {
-            self.no_spin = mid_payload.then(|| self.ctx.disable_polling());
+        if mid_payload == self.no_spin.is_some() {
+            return;
+        }
+        if !mid_payload {
+            // The stall timer may stay armed: it finds no guard to drop.
+            self.no_spin = None;
+            return;
+        }
+        self.no_spin = Some(self.ctx.disable_polling());
+        if self.stall_timer.is_none() {
+            let cb = self.callback(Conn::on_payload_stall_timer);
+            self.stall_timer = Some(self.ctx.timer_new(ClockType::Realtime, SCALE_NS, cb));
+        }
+        if let Some(t) = self.stall_timer.as_ref().filter(|t| !t.pending()) {
+            t.modify_ns(clock_get_ns(ClockType::Realtime) + PAYLOAD_STALL_NS);
+            self.stall_mark = self.read_events;
+        }
+    }
+
+    fn on_payload_stall_timer(&mut self) {
+        if self.no_spin.is_none() {
+            return;
+        }
+        if self.read_events == self.stall_mark {
+            debug!(peer = %self.peer, "payload stalled, busy-polling allowed again");
+            self.no_spin = None;
+        } else if let Some(t) = &self.stall_timer {
+            t.modify_ns(clock_get_ns(ClockType::Realtime) + PAYLOAD_STALL_NS);
+            self.stall_mark = self.read_events;
         }
     }
 
@@ -730,6 +819,7 @@ impl Conn {
         }
         self.maybe_finish();
         self.update_handlers();
+        self.update_spin_guard();
     }
 
     /// Whether a new request may start (limits memory and concurrency
@@ -794,6 +884,7 @@ impl Conn {
         self.stream.shutdown();
         self.out = OutQueue::default();
         self.no_spin = None;
+        self.stall_timer = None;
         info!(peer = %self.peer, "connection closed");
         if self.inflight == 0 {
             self.shared.connection_finished();
@@ -1101,7 +1192,11 @@ impl Conn {
                 } else if splice && self.inbuf.len() == 0 {
                     trace!(peer = %self.peer, handle = req.handle, "write payload spliced");
                     self.held_bytes += len;
-                    self.phase = Phase::SplicePayload { req, done: 0 };
+                    self.phase = Phase::SplicePayload {
+                        req,
+                        received: 0,
+                        written: 0,
+                    };
                 } else {
                     self.held_bytes += len;
                     self.phase = Phase::Payload {
@@ -1174,72 +1269,93 @@ impl Conn {
         self.pipe.is_some()
     }
 
-    /// Moves the next piece of a spliced write payload from the socket
-    /// through the pipe into the file, and queues the reply once the whole
-    /// payload is there. Returns how many bytes it asked the socket for and
-    /// the socket's answer, like a `read`: bytes moved, 0 at end of stream.
-    fn splice_payload(&mut self) -> (usize, io::Result<usize>) {
-        let Phase::SplicePayload { req, done } = &mut self.phase else {
+    /// Moves what the socket has of a spliced write payload into the pipe,
+    /// and every whole page of it on into the file; queues the reply once
+    /// the whole payload is in the file.
+    ///
+    /// Only whole pages go to the file. The payload starts on a page
+    /// boundary and is whole pages long, but a piece of it usually ends
+    /// mid-page, and writing part of a page that is on disk but not in the
+    /// page cache makes the kernel read it first, on this thread. So the
+    /// tail of a piece waits in the pipe for the rest of its page. Should
+    /// the pipe fill up with less than a page in it (a client sending tiny
+    /// segments: one pipe slot each), the tail is written anyway.
+    fn splice_payload(&mut self) -> Pull {
+        let Phase::SplicePayload {
+            req,
+            received,
+            written,
+        } = &mut self.phase
+        else {
             unreachable!("splice_payload outside a spliced payload")
         };
         let pipe = self.pipe.as_ref().expect("pipe of a spliced payload");
-        let asked = (req.length as usize - *done).min(pipe.capacity);
-        let moved = rustix::pipe::splice(
+        let len = req.length as usize;
+        let in_pipe = *received - *written;
+        // Less than a page waits in the pipe, which holds at least 16.
+        let asked = (len - *received).min(pipe.capacity - in_pipe);
+        let mut pipe_full = false;
+        let got = match rustix::pipe::splice(
             self.stream.fd(),
             None,
             &pipe.write,
             None,
             asked,
             SpliceFlags::NONBLOCK,
-        );
-        let n = match moved {
-            Ok(0) => return (asked, Ok(0)),
+        ) {
+            Ok(0) => return Pull::Eof,
             Ok(n) => n,
-            Err(Errno::INVAL) if *done == 0 => {
-                // This kind of socket cannot splice. Nothing was taken
-                // from it, so read this payload into a buffer instead, as
-                // all later ones; the Interrupted error makes on_readable
-                // try again.
-                info!(peer = %self.peer, "socket cannot splice, copying write payloads");
-                self.no_splice = true;
-                self.pipe = None;
-                self.exact_headers = false;
-                let Phase::SplicePayload { req, .. } =
-                    std::mem::replace(&mut self.phase, Phase::Request)
-                else {
-                    unreachable!()
-                };
-                let buf = self.payload_buffer(req.length as usize);
-                self.phase = Phase::Payload {
-                    req,
-                    fua: false,
-                    buf,
-                    filled: 0,
-                };
-                return (asked, Err(io::ErrorKind::Interrupted.into()));
+            // EAGAIN says "socket empty" and "pipe full" alike.
+            Err(Errno::AGAIN)
+                if in_pipe > 0
+                    && rustix::io::ioctl_fionread(self.stream.fd()).is_ok_and(|n| n > 0) =>
+            {
+                pipe_full = true;
+                0
             }
-            Err(e) => return (asked, Err(e.into())),
+            Err(Errno::INTR) => return Pull::Again,
+            Err(Errno::INVAL) if *received == 0 => return self.payload_without_splice(),
+            Err(e) => return Pull::from_read(asked, Err(e.into())),
         };
-        let offset = req.offset + *done as u64;
-        *done += n;
-        let left = req.length as usize - *done;
-        let written = self.export.write_from_pipe(pipe.read.as_fd(), offset, n);
-        if written.is_err() {
-            if let Err(e) = pipe.discard() {
+        trace!(peer = %self.peer, handle = req.handle, got, received = *received + got,
+               "payload piece spliced");
+        *received += got;
+        let complete = *received == len;
+        let page = rustix::param::page_size();
+        let upto = if complete || pipe_full {
+            *received
+        } else {
+            *received / page * page
+        };
+        let mut result = Ok(());
+        if upto > *written {
+            let offset = req.offset + *written as u64;
+            result = self
+                .export
+                .write_from_pipe(pipe.read.as_fd(), offset, upto - *written);
+            *written = upto;
+        }
+        let left = len - *received;
+        if let Err(e) = &result {
+            if let Err(discard) = pipe.discard() {
                 // What stays in the pipe would go into the next payload.
-                warn!(peer = %self.peer, error = %e, "closing");
+                warn!(peer = %self.peer, error = %e, %discard, "closing");
                 self.close();
-                return (asked, Ok(n));
+                return Pull::Closed;
             }
         }
-        if left > 0 && written.is_ok() {
-            return (asked, Ok(n));
+        if result.is_ok() && !complete {
+            return if pipe_full {
+                Pull::Again
+            } else {
+                Pull::Data { got, asked }
+            };
         }
         let Phase::SplicePayload { req, .. } = std::mem::replace(&mut self.phase, Phase::Request)
         else {
             unreachable!()
         };
-        match written {
+        match result {
             Ok(()) => self.complete(req, Outcome::Done),
             Err(e) if left == 0 => self.complete(req, Outcome::io_error(&e)),
             Err(e) => {
@@ -1254,7 +1370,33 @@ impl Conn {
                 };
             }
         }
-        (asked, Ok(n))
+        if pipe_full {
+            Pull::Again
+        } else {
+            Pull::Data { got, asked }
+        }
+    }
+
+    /// This kind of socket cannot splice: read the payload that was to be
+    /// spliced (none of it has left the socket) into a buffer instead, as
+    /// all later ones.
+    fn payload_without_splice(&mut self) -> Pull {
+        info!(peer = %self.peer, "socket cannot splice, copying write payloads");
+        self.no_splice = true;
+        self.pipe = None;
+        self.exact_headers = false;
+        let Phase::SplicePayload { req, .. } = std::mem::replace(&mut self.phase, Phase::Request)
+        else {
+            unreachable!()
+        };
+        let buf = self.payload_buffer(req.length as usize);
+        self.phase = Phase::Payload {
+            req,
+            fua: false,
+            buf,
+            filled: 0,
+        };
+        Pull::Again
     }
 
     fn start_write(&mut self, req: Request, fua: bool, buf: Vec<u8>) {

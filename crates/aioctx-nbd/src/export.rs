@@ -85,13 +85,20 @@ const INLINE_WRITE_SLOW: Duration = Duration::from_millis(1);
 const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Smallest write payload [`Export::spliceable`] accepts. Splicing costs two
-/// system calls per payload, plus a read of exactly one request header
-/// before it, where a copied payload shares its `read` with its
-/// neighbours; from 32 KiB the copy it saves costs more. `qemu-img bench
+/// system calls per piece of payload that arrives, plus a read of exactly
+/// one request header before it, where a copied payload shares its `read`
+/// with its neighbours; from 32 KiB the copy it saves costs more. `qemu-img bench
 /// -d 32 -w`, 3 interleaved runs (2-vCPU VM, Linux 6.18, ext4), IOPS spliced
 /// / copied: 16 KiB 100-114k / 107-110k, 32 KiB 68-73k / 54-61k; at 64 KiB
 /// the server's CPU per write fell from 30 to 23 µs.
 const SPLICE_MIN: usize = 32 * 1024;
+
+fn pipe_empty() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the payload pipe holds fewer bytes than expected",
+    )
+}
 
 /// Why a write-zeroes request failed.
 #[derive(Debug)]
@@ -287,11 +294,14 @@ impl Export {
             ReadWriteFlags::NOWAIT,
         ) {
             Ok(n) => n,
-            Err(Errno::AGAIN) => 0,
-            Err(_) => {
+            // Not supported by this file system: do not ask again.
+            Err(Errno::OPNOTSUPP | Errno::INVAL) => {
                 self.nowait_writes.store(false, Ordering::Relaxed);
                 0
             }
+            // Would block, or a real error (EPERM, ENOSPC, EIO...): the worker's write
+            // reports it, and the next write asks again.
+            Err(_) => 0,
         }
     }
 
@@ -307,7 +317,8 @@ impl Export {
     /// kernel throttles a writer with too many dirty pages; a write that
     /// took over `INLINE_WRITE_SLOW` (1 ms) sends writes to the workers for
     /// `INLINE_WRITE_BACKOFF` (100 ms), so a slow disk costs the loop at most one
-    /// stall per backoff period. Not for FUA writes (those wait for the
+    /// stall per backoff period (per connection with a spliced payload under
+    /// way, see [`Export::spliceable`]). Not for FUA writes (those wait for the
     /// disk). The write is complete when this returns, so a later flush
     /// covers it like any other.
     pub fn write_inline(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
@@ -320,11 +331,11 @@ impl Export {
     /// Whether a non-FUA write of `len` bytes at `offset` may be done on
     /// the loop thread (see [`Export::write_inline`]).
     fn inline_write_ok(&self, offset: u64, len: usize) -> bool {
-        const PAGE: u64 = 4096;
+        let page = rustix::param::page_size() as u64;
         len > 0
             && len <= INLINE_WRITE_MAX
-            && offset.is_multiple_of(PAGE)
-            && (len as u64).is_multiple_of(PAGE)
+            && offset.is_multiple_of(page)
+            && (len as u64).is_multiple_of(page)
             && self.epoch.elapsed().as_nanos() as u64
                 >= self.inline_writes_after.load(Ordering::Relaxed)
     }
@@ -355,7 +366,11 @@ impl Export {
     /// file, the one copy) instead of being read into a buffer and written
     /// from it (two copies). Such writes run on the loop thread, so this
     /// takes only what [`Export::write_inline`] would, and only payloads
-    /// of at least `SPLICE_MIN` bytes.
+    /// of at least `SPLICE_MIN` bytes. The payload reaches the file in
+    /// pieces as it arrives, all written with the same backoff as inline
+    /// writes, but the backoff is only consulted here: a payload under way
+    /// finishes on the loop thread even if one of its pieces was slow, so a
+    /// stalling disk can cost one stall per connection per backoff period.
     pub fn spliceable(&self, offset: u64, len: usize) -> bool {
         len >= SPLICE_MIN
             && self.splice_writes.load(Ordering::Relaxed)
@@ -365,30 +380,25 @@ impl Export {
     /// Moves exactly `len` bytes from the pipe `pipe` into the file at
     /// `offset` with `splice(2)`. On an error the pipe may still hold some
     /// of them; the caller discards them.
+    ///
+    /// A file system without splice support (`EINVAL`) gets these bytes
+    /// copied through a buffer instead, and no more payloads are spliced.
     pub fn write_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         self.timed_inline_write(|| {
             let mut pos = offset;
             let end = offset + len as u64;
             while pos < end {
                 let left = (end - pos) as usize;
-                match rustix::pipe::splice(
-                    pipe,
-                    None,
-                    &self.file,
-                    Some(&mut pos),
-                    left,
-                    SpliceFlags::empty(),
-                ) {
+                match rustix::pipe::splice(pipe, None, &self.file, Some(&mut pos), left, SpliceFlags::empty()) {
                     // The pipe holds the bytes already, so it cannot be
                     // empty unless something else read it.
-                    Ok(0) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "splice from the payload pipe: pipe empty",
-                        ))
+                    Ok(0) => return Err(pipe_empty()),
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(Errno::INVAL) => {
+                        tracing::warn!("the image's file system cannot splice, write payloads are copied from now on");
+                        self.set_splice_writes(false);
+                        return self.copy_from_pipe(pipe, pos, left);
                     }
-                    Ok(_) => {}
-                    Err(Errno::INTR) => {}
                     Err(e) => {
                         return Err(io::Error::new(
                             io::Error::from(e).kind(),
@@ -399,6 +409,26 @@ impl Export {
             }
             Ok(())
         })
+    }
+
+    /// Reads `len` bytes out of `pipe` and writes them at `offset`.
+    fn copy_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
+        let mut buf = vec![0u8; len];
+        let mut done = 0;
+        while done < len {
+            match rustix::io::read(pipe, &mut buf[done..]) {
+                Ok(0) | Err(Errno::AGAIN) => return Err(pipe_empty()),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("read from the payload pipe: {e}"),
+                    ))
+                }
+            }
+        }
+        self.write_at(&buf, offset, false)
     }
 
     /// Fills `buf` from `offset`. Bytes past the end of the file read as
