@@ -398,15 +398,10 @@ fn io_poll_needs_io_read() {
     assert!(ctx.registered_fds().is_empty());
 }
 
-/// A handler without io_poll no longer stops the spin (QEMU's rule would, on epoll and poll(2)):
-/// every back end but Windows asks the kernel during the spin, and a spin that finds the
-/// descriptor ready counts as a hit, not a miss, and runs the handler.
-#[test]
-fn unpollable_handler_is_served_from_the_spin() {
-    let _w = watchdog("unpollable_handler_is_served_from_the_spin");
-    // One growth step takes the window from 4 µs to 4 s.
-    let ctx = polling_ctx(1_000_000);
-    let (mut r, mut w) = tcp_pair();
+/// A TCP pair whose read end is registered on `ctx` with a handler (no io_poll) that drains it
+/// and counts its calls; returns the read end's descriptor, the write end and the count.
+fn counted_socket(ctx: &AioContext) -> (aioctx::RawFd, std::net::TcpStream, Arc<AtomicUsize>) {
+    let (mut r, w) = tcp_pair();
     let rfd = r.raw();
     let reads = Arc::new(AtomicUsize::new(0));
     let n = reads.clone();
@@ -419,6 +414,18 @@ fn unpollable_handler_is_served_from_the_spin() {
         None,
     )
     .unwrap();
+    (rfd, w, reads)
+}
+
+/// A handler without io_poll no longer stops the spin (QEMU's rule would, on epoll and poll(2)):
+/// every back end but Windows asks the kernel during the spin, and a spin that finds the
+/// descriptor ready counts as a hit, not a miss, and runs the handler.
+#[test]
+fn unpollable_handler_is_served_from_the_spin() {
+    let _w = watchdog("unpollable_handler_is_served_from_the_spin");
+    // One growth step takes the window from 4 µs to 4 s.
+    let ctx = polling_ctx(1_000_000);
+    let (rfd, mut w, reads) = counted_socket(&ctx);
     grow_window_once(&ctx);
     let before = ctx.stats();
     grow_window_once(&ctx);
@@ -464,19 +471,7 @@ fn disabled_polling_waits_in_the_kernel_and_keeps_the_window() {
     let _w = watchdog("disabled_polling_waits_in_the_kernel_and_keeps_the_window");
     let ctx = polling_ctx(1_000_000);
     let window = grow_window_to_4s(&ctx);
-    let (mut r, mut w) = tcp_pair();
-    let rfd = r.raw();
-    let reads = Arc::new(AtomicUsize::new(0));
-    let n = reads.clone();
-    ctx.set_fd_handler(
-        rfd,
-        handler(move || {
-            read_available(&mut r);
-            n.fetch_add(1, Ordering::SeqCst);
-        }),
-        None,
-    )
-    .unwrap();
+    let (rfd, mut w, reads) = counted_socket(&ctx);
     absorb_notify(&ctx);
     let spins = |s: aioctx::Stats| s.poll_hits + s.poll_misses;
 
