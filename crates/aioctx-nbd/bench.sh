@@ -3,15 +3,18 @@
 # nbdkit's file plugin using `qemu-img bench` over NBD on loopback.
 #
 # Every server serves the same raw image with the host page cache, and
-# every run uses the same parameters. One run per cell: the numbers are
-# indicative, not statistics. On a small VM they are noisy, queue depth 1
-# most of all: its latency depends on whether client and server threads
-# share a CPU (a cross-CPU wake-up of an idle vCPU costs tens of µs), so
-# the same server can vary by 5x between runs.
+# every run uses the same parameters. Each cell is the median of a few
+# rounds (BENCH_ROUNDS) that interleave the servers. On a small VM single
+# runs are noisy, queue depth 1 most of all: its latency depends on
+# whether client and server threads share a CPU (a cross-CPU wake-up of an
+# idle vCPU costs tens of µs), so the same server can vary by 5x between
+# runs, and 64 KiB writes by 30%.
 #
 # Usage: crates/aioctx-nbd/bench.sh [IMAGE_SIZE_MIB]   (default 1024)
-# Environment: BENCH_SCALE=N multiplies the request counts (default 1),
-# BENCH_DIV=N divides them (default 1), SERVERS="..." picks the servers
+# Environment: BENCH_ROUNDS=N runs every cell N times, interleaving the
+# servers, and prints medians (default 3), BENCH_SCALE=N multiplies the
+# request counts (default 1), BENCH_DIV=N divides them (default 1),
+# SERVERS="..." picks the servers
 # (default: aioctx-nbd and the three peers). aioctx-nbd runs with its
 # defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB,
 # splice for page-aligned writes of 32-64 KiB); it can also run as
@@ -29,6 +32,7 @@ root=$(cd "$here/../.." && pwd)
 size_mib=${1:-1024}
 scale=${BENCH_SCALE:-1}
 div=${BENCH_DIV:-1}
+rounds=${BENCH_ROUNDS:-3}
 poll_args=()
 if [ -n "${POLL_MAX_NS:-}" ]; then poll_args=(--poll-max-ns "$POLL_MAX_NS"); fi
 
@@ -126,6 +130,10 @@ iops() { # count seconds
     awk -v c="$1" -v t="$2" 'BEGIN { if (t > 0) printf "%d", c / t; else print 0 }'
 }
 
+median() { # values...
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print 0; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%d\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 printf '%-14s' "test"
 for s in "${servers[@]}"; do printf '%26s' "$s"; done
 printf '%12s\n' "ratio"
@@ -133,6 +141,25 @@ for t in "${tests[@]}"; do
     name=${t%%|*}
     args=${t#*|}
     count=$(sed -E 's/.*-c ([0-9]+).*/\1/' <<<"$args")
+    declare -A runs=()
+    # Rounds interleave the servers, so that a slow spell of this noisy
+    # machine hits every server alike.
+    for _ in $(seq "$rounds"); do
+        for s in "${servers[@]}"; do
+            [ "${port[$s]}" = unavailable ] && continue
+            # Some VMs evict cold pages on their own (DAMON): bring the
+            # image back into the page cache so every run measures cached
+            # reads.
+            cat "$img" >/dev/null
+            # shellcheck disable=SC2086
+            if out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1); then
+                secs=$(sed -nE 's/.*Run completed in ([0-9.]+) seconds.*/\1/p' <<<"$out")
+                runs[$s]+="$(iops "$count" "${secs:-0}") "
+            else
+                runs[$s]+="failed "
+            fi
+        done
+    done
     printf '%-14s' "$name"
     best=0
     mine=0
@@ -141,16 +168,13 @@ for t in "${tests[@]}"; do
             printf '%26s' "n/a"
             continue
         fi
-        # Some VMs evict cold pages on their own (DAMON): bring the image
-        # back into the page cache so every run measures cached reads.
-        cat "$img" >/dev/null
         # shellcheck disable=SC2086
-        out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1) || {
+        if [[ " ${runs[$s]}" == *" failed "* ]]; then
             printf '%26s' "failed"
             continue
-        }
-        secs=$(sed -nE 's/.*Run completed in ([0-9.]+) seconds.*/\1/p' <<<"$out")
-        v=$(iops "$count" "${secs:-0}")
+        fi
+        # shellcheck disable=SC2086
+        v=$(median ${runs[$s]})
         printf '%26s' "$v"
         # The ratio compares aioctx-nbd with its defaults against the best
         # peer; other aioctx-nbd variants are shown for reference only.
@@ -161,5 +185,6 @@ for t in "${tests[@]}"; do
         esac
     done
     awk -v m="$mine" -v b="$best" 'BEGIN { if (b > 0) printf "%12.2f\n", m / b; else print "         n/a" }'
+    unset runs
 done
-echo "(IOPS; ratio = aioctx-nbd / best peer: qemu-nbd or nbdkit)"
+echo "(IOPS, median of $rounds interleaved rounds; ratio = aioctx-nbd / best peer: qemu-nbd or nbdkit)"
