@@ -32,10 +32,9 @@
 //! self-reference, so the connection is freed once its last in-flight
 //! request has completed.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -46,7 +45,7 @@ use aioctx::{
 use parking_lot::Mutex;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
-use rustix::pipe::{PipeFlags, SpliceFlags};
+use rustix::pipe::SpliceFlags;
 use tracing::{debug, info, trace, warn};
 
 use crate::export::{nbd_errno, Export, ZeroError};
@@ -54,8 +53,12 @@ use crate::handshake::{ExportInfo, Handshake, Step};
 use crate::proto::{self, errno, Command, Extent, Request, Session};
 use crate::server::Shared;
 
-/// Size of the input buffer; a full option (64 KiB) always fits.
-const INBUF_SIZE: usize = 256 * 1024;
+mod input;
+mod output;
+
+use input::{InBuf, PayloadPipe, Pull};
+use output::OutQueue;
+
 /// Payloads at least this large are read straight into their own buffer.
 const DIRECT_READ_MIN: usize = 16 * 1024;
 /// Start no new request while this many are in flight...
@@ -71,17 +74,6 @@ const MAX_BUFFERED: usize = 2 * proto::MAX_REQUEST_LEN as usize;
 const READS_PER_EVENT: usize = 4;
 /// Block status replies list at most this many extents.
 const MAX_EXTENTS: usize = 1024;
-/// Slices per `writev` (well under `IOV_MAX`).
-const IOV_BATCH: usize = 128;
-/// Size asked for the pipe that spliced payloads pass through. A payload
-/// that arrived in many small pieces takes one pipe slot (a page's worth
-/// of capacity) per piece, so 16 slots can hold less than 64 KiB; 32 give
-/// room. Each pipe counts against the user's pipe budget
-/// (fs.pipe-user-pages-soft, 64 MiB by default: 512 connections).
-const PAYLOAD_PIPE_SIZE: usize = 128 * 1024;
-/// A smaller pipe than this (what the kernel gives a user past the budget)
-/// is not used: payloads are copied instead.
-const PAYLOAD_PIPE_MIN: usize = 64 * 1024;
 /// A connection waiting for the rest of a payload stops its loop from
 /// busy-polling, but no longer than this without a read event: a client
 /// that stops half-way must not keep the loop's other clients from it.
@@ -204,307 +196,6 @@ impl Outcome {
             errno: nbd_errno(e),
             message: e.to_string(),
         }
-    }
-}
-
-/// One piece of queued output.
-enum Seg {
-    /// Bytes in memory. `packable` buffers take further small replies.
-    Bytes { buf: Vec<u8>, packable: bool },
-    /// `len` bytes of the export from `offset`, sent with `sendfile`
-    /// straight from the page cache when their turn comes.
-    File { offset: u64, len: usize },
-}
-
-impl Seg {
-    fn len(&self) -> usize {
-        match self {
-            Seg::Bytes { buf, .. } => buf.len(),
-            Seg::File { len, .. } => *len,
-        }
-    }
-}
-
-/// Replies waiting to be written. Small replies are packed into shared
-/// buffers so one `writev` slice carries many of them; read data keeps its
-/// own buffer (no copy), or stays in the file until it is sent.
-#[derive(Default)]
-struct OutQueue {
-    segs: VecDeque<Seg>,
-    /// Bytes of the front segment already written.
-    front_sent: usize,
-    /// Unsent bytes, file ranges included: with the request buffers this
-    /// bounds what a connection may have queued (see
-    /// [`Conn::can_start_request`]).
-    bytes: usize,
-}
-
-impl OutQueue {
-    fn push_small(&mut self, b: &[u8]) {
-        self.bytes += b.len();
-        match self.segs.back_mut() {
-            Some(Seg::Bytes {
-                buf,
-                packable: true,
-            }) if buf.len() < 4096 => buf.extend_from_slice(b),
-            _ => self.segs.push_back(Seg::Bytes {
-                buf: b.to_vec(),
-                packable: true,
-            }),
-        }
-    }
-    fn push_data(&mut self, data: Vec<u8>) {
-        if !data.is_empty() {
-            self.bytes += data.len();
-            self.segs.push_back(Seg::Bytes {
-                buf: data,
-                packable: false,
-            });
-        }
-    }
-    fn push_file(&mut self, offset: u64, len: usize) {
-        if len > 0 {
-            self.bytes += len;
-            self.segs.push_back(Seg::File { offset, len });
-        }
-    }
-    fn is_empty(&self) -> bool {
-        self.segs.is_empty()
-    }
-
-    /// Marks `n` more bytes as written.
-    fn advance(&mut self, mut n: usize) {
-        self.bytes -= n;
-        while n > 0 {
-            let left = self.segs[0].len() - self.front_sent;
-            if n >= left {
-                n -= left;
-                self.segs.pop_front();
-                self.front_sent = 0;
-            } else {
-                self.front_sent += n;
-                n = 0;
-            }
-        }
-    }
-
-    /// Replaces the unsent rest of the front segment, a file range, with
-    /// `data` of the same length.
-    fn replace_front(&mut self, data: Vec<u8>) {
-        debug_assert_eq!(data.len(), self.segs[0].len() - self.front_sent);
-        self.segs[0] = Seg::Bytes {
-            buf: data,
-            packable: false,
-        };
-        self.front_sent = 0;
-    }
-
-    /// Writes as much as the socket takes. Returns `Ok(true)` when the
-    /// queue is empty.
-    ///
-    /// Consecutive byte segments go out in one `sendmsg` (a `writev`);
-    /// file ranges with one `sendfile` each. A byte batch followed by a
-    /// file range is sent with `MSG_MORE` on TCP: it ends with that
-    /// range's reply header, which on its own would leave as a separate
-    /// segment (`TCP_NODELAY`) and wake the client once for 16 or 28 bytes
-    /// and again for the data. `sendfile` pushes what it corked when it
-    /// sends its last page, and if it cannot send at all (socket full),
-    /// the corked bytes leave with the data once the socket drains.
-    fn flush(&mut self, stream: &mut Stream, export: &Export) -> io::Result<bool> {
-        while let Some(front) = self.segs.front() {
-            if let Seg::File { offset, len } = *front {
-                let sent = self.front_sent;
-                match export.send_to(stream.fd(), offset + sent as u64, len - sent) {
-                    Ok(0) => {
-                        // The file is shorter than when the read was
-                        // checked (truncated behind our back). The header
-                        // promised `len` bytes, so send zeroes for the
-                        // rest, as the copy path reads past the end of the
-                        // file.
-                        debug!(
-                            offset,
-                            len, sent, "file ends inside a queued read, sending zeroes"
-                        );
-                        self.replace_front(vec![0; len - sent]);
-                    }
-                    Ok(n) => self.advance(n),
-                    Err(Errno::AGAIN) => return Ok(false),
-                    Err(Errno::INTR) => {}
-                    Err(e @ (Errno::PIPE | Errno::CONNRESET)) => {
-                        return Err(io::Error::new(
-                            io::Error::from(e).kind(),
-                            format!("sendfile: {e}"),
-                        ))
-                    }
-                    Err(e) => {
-                        // The file side failed: a file system without
-                        // splice support, or a read error. The header is
-                        // out, so either the data follows or the
-                        // connection must close; read it the ordinary
-                        // way (it was cached moments ago), and close only
-                        // if that fails too.
-                        if matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) {
-                            export.disable_sendfile(&e);
-                        }
-                        let mut buf = vec![0; len - sent];
-                        export
-                            .read_at(&mut buf, offset + sent as u64)
-                            .map_err(|re| {
-                                io::Error::new(
-                                    re.kind(),
-                                    format!("sendfile: {e}, then pread: {re}"),
-                                )
-                            })?;
-                        self.replace_front(buf);
-                    }
-                }
-                continue;
-            }
-            let mut slices = Vec::with_capacity(IOV_BATCH.min(self.segs.len()));
-            let mut more = false;
-            for (i, seg) in self.segs.iter().enumerate() {
-                match seg {
-                    Seg::Bytes { buf, .. } if slices.len() < IOV_BATCH => {
-                        let start = if i == 0 { self.front_sent } else { 0 };
-                        slices.push(IoSlice::new(&buf[start..]));
-                    }
-                    Seg::Bytes { .. } => break,
-                    Seg::File { .. } => {
-                        more = true;
-                        break;
-                    }
-                }
-            }
-            match stream.send_vectored(&slices, more) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "sendmsg: wrote 0")),
-                Ok(n) => self.advance(n),
-                Err(Errno::AGAIN) => return Ok(false),
-                Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("sendmsg: {e}"),
-                    ))
-                }
-            }
-        }
-        Ok(true)
-    }
-}
-
-/// What one `read` (or `splice`) from the socket gave.
-enum Pull {
-    /// `got` bytes of the `asked`: fewer means the socket is drained for now.
-    Data { got: usize, asked: usize },
-    /// Nothing there: wait for the socket to be readable again.
-    WouldBlock,
-    /// Nothing this time, but try again at once (a signal, or the payload
-    /// changed paths).
-    Again,
-    /// The client closed its end.
-    Eof,
-    /// The socket failed.
-    Failed(io::Error),
-    /// The connection was closed while the bytes were handled.
-    Closed,
-}
-
-impl Pull {
-    fn from_read(asked: usize, res: io::Result<usize>) -> Pull {
-        match res {
-            Ok(0) => Pull::Eof,
-            Ok(got) => Pull::Data { got, asked },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pull::WouldBlock,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Pull::Again,
-            Err(e) => Pull::Failed(e),
-        }
-    }
-}
-
-/// The pipe that spliced write payloads pass through on their way from
-/// the socket into the file. It is empty between `splice` calls.
-struct PayloadPipe {
-    read: OwnedFd,
-    write: OwnedFd,
-    capacity: usize,
-}
-
-impl PayloadPipe {
-    fn new() -> io::Result<PayloadPipe> {
-        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("pipe2: {e}")))?;
-        // Past the per-user pipe budget (fs.pipe-user-pages-soft) the
-        // kernel refuses to grow pipes, and new ones get two slots.
-        let capacity = rustix::pipe::fcntl_setpipe_size(&write, PAYLOAD_PIPE_SIZE)
-            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("F_GETPIPE_SZ: {e}")))?;
-        if capacity < PAYLOAD_PIPE_MIN {
-            return Err(io::Error::other(format!(
-                "a pipe of {capacity} bytes (the user's pipe budget is spent)"
-            )));
-        }
-        Ok(PayloadPipe {
-            read,
-            write,
-            capacity,
-        })
-    }
-
-    /// Throws away what a failed `splice` into the file left in the pipe,
-    /// so it cannot end up in the next payload.
-    fn discard(&self) -> io::Result<()> {
-        let mut scratch = [0u8; 4096];
-        loop {
-            match rustix::io::read(&self.read, &mut scratch) {
-                Ok(0) | Err(Errno::AGAIN) => return Ok(()),
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("read from the payload pipe: {e}"),
-                    ))
-                }
-            }
-        }
-    }
-}
-
-/// Input bytes received but not yet decoded: `buf[head..tail]`.
-struct InBuf {
-    buf: Box<[u8]>,
-    head: usize,
-    tail: usize,
-}
-
-impl InBuf {
-    fn new() -> Self {
-        InBuf {
-            buf: vec![0u8; INBUF_SIZE].into_boxed_slice(),
-            head: 0,
-            tail: 0,
-        }
-    }
-    fn len(&self) -> usize {
-        self.tail - self.head
-    }
-    fn data(&self) -> &[u8] {
-        &self.buf[self.head..self.tail]
-    }
-    fn consume(&mut self, n: usize) {
-        self.head += n;
-        if self.head == self.tail {
-            self.head = 0;
-            self.tail = 0;
-        }
-    }
-    /// Space to read into, moving pending bytes to the front if needed.
-    fn spare(&mut self) -> &mut [u8] {
-        if self.tail == self.buf.len() && self.head > 0 {
-            self.buf.copy_within(self.head..self.tail, 0);
-            self.tail -= self.head;
-            self.head = 0;
-        }
-        &mut self.buf[self.tail..]
     }
 }
 
