@@ -15,7 +15,7 @@ use common::{path_str, Client, Reply, Server};
 /// Logged at trace level for every write whose payload is spliced.
 const SPLICED_LOG: &str = "write payload spliced";
 
-const IMAGE_SIZE: usize = 8 << 20;
+const IMAGE_SIZE: usize = 12 << 20;
 
 #[derive(Clone, Copy, Debug)]
 enum Transport {
@@ -93,8 +93,9 @@ fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
     };
 
     // One burst of every shape, disjoint ranges (writes in flight together may land in any
-    // order). Spliced: 32 KiB, 48 KiB and 64 KiB at page offsets. Copied: one byte short of
-    // 32 KiB, 64 KiB + 4 KiB, 64 KiB at an odd offset, 64 KiB with FUA, and small writes.
+    // order). Spliced: 32 KiB, 48 KiB, 64 KiB, 68 KiB and 1 MiB at page offsets (1 MiB takes
+    // several pipefuls). Copied: one byte short of 32 KiB, 1 MiB + 4 KiB, 64 KiB at an odd
+    // offset, 64 KiB with FUA, and small writes.
     let shapes: &[(u16, u64, usize)] = &[
         (0, 0, 64 << 10),
         (0, 64 << 10, 32 << 10),
@@ -106,6 +107,8 @@ fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
         (cmd_flags::FUA, 352 << 10, 64 << 10),
         (0, 416 << 10, 64 << 10),
         (0, 480 << 10, 100),
+        (0, 8 << 20, (1 << 20) + 4096),
+        (0, 10 << 20, 1 << 20),
     ];
     let mut burst = Vec::new();
     for &(flags, off, len) in shapes {
@@ -135,6 +138,16 @@ fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
         expect_ok(&mut c, 1);
     }
 
+    // 1 MiB payloads one at a time, after spliced writes: each takes several pipefuls.
+    for (h, off) in [(1001u64, 10usize << 20), (1002, 11 << 20)] {
+        let data = pattern(h, 1 << 20);
+        model[off..off + data.len()].copy_from_slice(&data);
+        let mut b = write_request(h, 0, off as u64, data.len());
+        b.extend_from_slice(&data);
+        c.send(&b);
+        expect_ok(&mut c, 1);
+    }
+
     let got = read_back(&mut c, 9999, 0, IMAGE_SIZE);
     let first_diff = got.iter().zip(&model).position(|(a, b)| a != b);
     assert_eq!(
@@ -161,16 +174,29 @@ fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
     log
 }
 
+/// Whether the log says the write `handle` was spliced.
+fn spliced(log: &str, handle: u64) -> bool {
+    let h = format!("handle={handle}");
+    log.lines()
+        .any(|l| l.contains(SPLICED_LOG) && l.contains(&h))
+}
+
 #[test]
 fn spliced_writes_land_exactly_tcp() {
     let log = writes_land_exactly(Transport::Tcp, &[]);
-    assert!(log.contains(SPLICED_LOG), "no write was spliced:\n{log}");
+    assert!(
+        spliced(&log, 1001) && spliced(&log, 1002),
+        "1 MiB writes not spliced:\n{log}"
+    );
 }
 
 #[test]
 fn spliced_writes_land_exactly_unix() {
     let log = writes_land_exactly(Transport::Unix, &[]);
-    assert!(log.contains(SPLICED_LOG), "no write was spliced:\n{log}");
+    assert!(
+        spliced(&log, 1001) && spliced(&log, 1002),
+        "1 MiB writes not spliced:\n{log}"
+    );
 }
 
 #[test]
@@ -258,8 +284,7 @@ fn failed_spliced_write_gets_an_error_and_the_stream_stays_in_sync() {
     c.expect_closed();
     let log = server.kill();
     assert!(
-        log.lines()
-            .any(|l| l.contains(SPLICED_LOG) && l.contains("handle=10")),
+        spliced(&log, 10),
         "the failing write was not spliced:\n{log}"
     );
 }
