@@ -17,7 +17,7 @@
 # SERVERS="..." picks the servers
 # (default: aioctx-nbd and the three peers). aioctx-nbd runs with its
 # defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB,
-# splice for page-aligned writes of 32 KiB-1 MiB); it can also run as
+# splice for page-aligned writes from 32 KiB); it can also run as
 # aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-copy (--no-sendfile:
 # every read copied through a buffer), aioctx-nbd-nosplice (--no-splice:
 # every write payload read into a buffer), aioctx-nbd-io_uring

@@ -112,6 +112,12 @@ pub struct Cli {
     #[arg(long)]
     pub no_splice: bool,
 
+    /// An inline write (or a piece of a spliced payload) slower than this
+    /// counts as blocked and sends writes to workers for a while. For
+    /// tests: 0 makes every one count.
+    #[arg(long, value_name = "NS", default_value_t = 1_000_000, hide = true)]
+    pub inline_write_slow_ns: u64,
+
     /// More logging (-v: info, -vv: debug, -vvv: trace). RUST_LOG
     /// overrides.
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]

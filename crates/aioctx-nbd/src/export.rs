@@ -32,6 +32,8 @@ pub struct Export {
     /// Inline writes are declined until this instant (ns since `epoch`),
     /// set when one took long enough to show it blocked.
     inline_writes_after: AtomicU64,
+    /// An inline write that took longer than this (ns) counts as blocked.
+    inline_write_slow_ns: AtomicU64,
     epoch: Instant,
     /// Reads of at least this many bytes may be sent with `sendfile`;
     /// `usize::MAX` turns that off (by choice, or because the kernel or
@@ -90,15 +92,30 @@ const INLINE_WRITE_BACKOFF: Duration = Duration::from_millis(100);
 /// with its neighbours; from 32 KiB the copy it saves costs more. `qemu-img bench
 /// -d 32 -w`, 3 interleaved runs (2-vCPU VM, Linux 6.18, ext4), IOPS spliced
 /// / copied: 16 KiB 100-114k / 107-110k, 32 KiB 68-73k / 54-61k; at 64 KiB
-/// the server's CPU per write fell from 30 to 23 µs.
+/// the server's CPU per write fell from 30 to 23 µs. Above 64 KiB it wins
+/// too: `qemu-img bench -w`, 3 interleaved rounds, medians, spliced /
+/// through a worker / nbdkit file: 128 KiB d32 17,452 / 13,071 / 17,035;
+/// 1 MiB d8 3,340 / 1,960 / 3,296.
 const SPLICE_MIN: usize = 32 * 1024;
-/// Largest write payload [`Export::spliceable`] accepts. Bigger ones are
-/// read into a buffer and written by a worker, so that a disk that
-/// throttles writers stalls a worker rather than the loop. Splicing wins
-/// at every size up to this: `qemu-img bench -d 32 -w -s 128k`, 3
-/// interleaved rounds, medians: 18.1k IOPS spliced, 13.1k through a worker
-/// (nbdkit file 16.7k); `-d 8 -s 1M`: 3,067 against 1,893 (nbdkit 3,151).
-const SPLICE_MAX: usize = 1024 * 1024;
+
+/// Fills `buf` from the non-blocking `pipe`, which must hold that much.
+pub(crate) fn read_from_pipe(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::read(pipe, &mut buf[done..]) {
+            Ok(0) | Err(Errno::AGAIN) => return Err(pipe_empty()),
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("read from the payload pipe: {e}"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
 
 fn pipe_empty() -> io::Error {
     io::Error::new(
@@ -127,6 +144,7 @@ impl Export {
             read_only,
             nowait_writes: AtomicBool::new(!read_only),
             inline_writes_after: AtomicU64::new(0),
+            inline_write_slow_ns: AtomicU64::new(INLINE_WRITE_SLOW.as_nanos() as u64),
             epoch: Instant::now(),
             sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
             splice_writes: AtomicBool::new(!read_only),
@@ -157,6 +175,9 @@ impl Export {
                             read_only: false,
                             nowait_writes: AtomicBool::new(true),
                             inline_writes_after: AtomicU64::new(0),
+                            inline_write_slow_ns: AtomicU64::new(
+                                INLINE_WRITE_SLOW.as_nanos() as u64
+                            ),
                             epoch: Instant::now(),
                             sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
                             splice_writes: AtomicBool::new(true),
@@ -324,8 +345,8 @@ impl Export {
     /// kernel throttles a writer with too many dirty pages; a write that
     /// took over `INLINE_WRITE_SLOW` (1 ms) sends writes to the workers for
     /// `INLINE_WRITE_BACKOFF` (100 ms), so a slow disk costs the loop at most one
-    /// stall per backoff period (per connection with a spliced payload under
-    /// way, see [`Export::spliceable`]). Not for FUA writes (those wait for the
+    /// stall per backoff period (and connection, for spliced payloads, see
+    /// [`Export::spliceable`]). Not for FUA writes (those wait for the
     /// disk). The write is complete when this returns, so a later flush
     /// covers it like any other.
     pub fn write_inline(&self, buf: &[u8], offset: u64) -> Option<io::Result<()>> {
@@ -347,8 +368,20 @@ impl Export {
         let page = rustix::param::page_size() as u64;
         offset.is_multiple_of(page)
             && (len as u64).is_multiple_of(page)
-            && self.epoch.elapsed().as_nanos() as u64
-                >= self.inline_writes_after.load(Ordering::Relaxed)
+            && !self.inline_writes_backed_off()
+    }
+
+    /// Whether an inline write (or a piece of a spliced payload) was slow
+    /// recently enough that writes should go to workers for now.
+    pub fn inline_writes_backed_off(&self) -> bool {
+        (self.epoch.elapsed().as_nanos() as u64) < self.inline_writes_after.load(Ordering::Relaxed)
+    }
+
+    /// How long an inline write may take before it counts as blocked
+    /// (default 1 ms). Tests set 0, to make every inline write "slow".
+    pub fn set_inline_write_slow(&self, slow: Duration) {
+        self.inline_write_slow_ns
+            .store(slow.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Runs an inline write, and sends writes to the workers for a while if
@@ -357,7 +390,7 @@ impl Export {
         let start = self.epoch.elapsed();
         let res = write();
         let took = self.epoch.elapsed() - start;
-        if took > INLINE_WRITE_SLOW {
+        if took.as_nanos() as u64 > self.inline_write_slow_ns.load(Ordering::Relaxed) {
             let until = (start + took + INLINE_WRITE_BACKOFF).as_nanos() as u64;
             self.inline_writes_after.store(until, Ordering::Relaxed);
         }
@@ -376,16 +409,17 @@ impl Export {
     /// to pipe, which takes references to the socket's pages, then pipe to
     /// file, the one copy) instead of being read into a buffer and written
     /// from it (two copies). Such writes run on the loop thread, so this
-    /// takes only payloads of `SPLICE_MIN` to `SPLICE_MAX` bytes that cover
-    /// whole pages, while inline writes are not backed off (see
+    /// takes only payloads of at least `SPLICE_MIN` bytes that cover whole
+    /// pages, while inline writes are not backed off (see
     /// [`Export::write_inline`]). The payload reaches the file in pieces as
-    /// it arrives (at most a pipe's worth each, so other connections on the
-    /// loop get their turn between them), all timed like inline writes, but
-    /// the backoff is only consulted here: a payload under way finishes on
-    /// the loop thread even if one of its pieces was slow, so a stalling
-    /// disk can cost one stall per connection per backoff period.
+    /// it arrives, at most a pipe's worth each, so other connections on the
+    /// loop get their turn between them. Each piece is timed like an inline
+    /// write, and once one was slow (see
+    /// [`Export::inline_writes_backed_off`]) the connection sends the rest
+    /// of that payload to a worker: a stalling disk costs the loop one
+    /// stall per backoff period and connection.
     pub fn spliceable(&self, offset: u64, len: usize) -> bool {
-        (SPLICE_MIN..=SPLICE_MAX).contains(&len)
+        len >= SPLICE_MIN
             && self.splice_writes.load(Ordering::Relaxed)
             && self.page_aligned_write_ok(offset, len)
     }
@@ -427,20 +461,7 @@ impl Export {
     /// Reads `len` bytes out of `pipe` and writes them at `offset`.
     fn copy_from_pipe(&self, pipe: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<()> {
         let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match rustix::io::read(pipe, &mut buf[done..]) {
-                Ok(0) | Err(Errno::AGAIN) => return Err(pipe_empty()),
-                Ok(n) => done += n,
-                Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("read from the payload pipe: {e}"),
-                    ))
-                }
-            }
-        }
+        read_from_pipe(pipe, &mut buf)?;
         self.write_at(&buf, offset, false)
     }
 

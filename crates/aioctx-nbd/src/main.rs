@@ -55,6 +55,7 @@ fn run(cli: Cli) -> Result<(), String> {
     };
     export.set_sendfile_min((!cli.no_sendfile).then_some(cli.sendfile_min));
     export.set_splice_writes(!cli.no_splice);
+    export.set_inline_write_slow(Duration::from_nanos(cli.inline_write_slow_ns));
     let read_only = cli.read_only;
     let listener = match &cli.socket {
         Some(path) => Listener::unix(path.clone())

@@ -374,3 +374,51 @@ fn stalled_payload_gives_busy_polling_back() {
     c.request(cmd::DISC, 0, 0, 0, 0);
     c.expect_closed();
 }
+
+/// A piece of a spliced payload that is slow to reach the file (here every inline write counts
+/// as slow) sends the rest of that payload to a worker, as a write of its own under the same
+/// handle: one reply, and every byte where it belongs.
+#[test]
+fn slow_piece_sends_the_rest_of_the_payload_to_a_worker() {
+    let dir = common::scratch();
+    let img = dir.path().join("disk.img");
+    common::make_image(&img, 16 << 20, |_| None);
+    let (server, mut c) = start(
+        Transport::Tcp,
+        &dir,
+        &["-t", "-vv", "--inline-write-slow-ns", "0", path_str(&img)],
+    );
+    // The first write's payload comes in with its header and is copied (through a worker: it
+    // is too big to write inline, so nothing is timed); the second one's header is read alone
+    // and its payload spliced, until the first piece in the file turns out "slow".
+    let len = 4 << 20;
+    let mut model = vec![0u8; 16 << 20];
+    let mut burst = Vec::new();
+    for (h, off) in [(1u64, 0usize), (2, 8 << 20)] {
+        let data = pattern(h, len);
+        model[off..off + len].copy_from_slice(&data);
+        burst.extend(write_request(h, 0, off as u64, len));
+        burst.extend(&data);
+    }
+    c.send(&burst);
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        match c.reply() {
+            Reply::Simple { error: 0, handle } => handles.push(handle),
+            other => panic!("bad write reply {other:?}"),
+        }
+    }
+    handles.sort();
+    assert_eq!(handles, [1, 2], "one reply per write");
+    assert!(read_back(&mut c, 3, 0, 16 << 20) == model);
+    c.request(cmd::DISC, 0, 0, 0, 0);
+    c.expect_closed();
+    let log = server.kill();
+    assert!(spliced(&log, 2), "the second write was not spliced:\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the rest of the payload goes to a worker")
+                && l.contains("handle=2")),
+        "no switch to a worker:\n{log}"
+    );
+}

@@ -48,7 +48,7 @@ use rustix::net::{SendAncillaryBuffer, SendFlags};
 use rustix::pipe::SpliceFlags;
 use tracing::{debug, info, trace, warn};
 
-use crate::export::{nbd_errno, Export, ZeroError};
+use crate::export::{nbd_errno, read_from_pipe, Export, ZeroError};
 use crate::handshake::{ExportInfo, Handshake, Step};
 use crate::proto::{self, errno, Command, Extent, Request, Session};
 use crate::server::Shared;
@@ -1035,12 +1035,17 @@ impl Conn {
                 return Pull::Closed;
             }
         }
+        let pulled = if pipe_full {
+            Pull::Again
+        } else {
+            Pull::Data { got, asked }
+        };
         if result.is_ok() && !complete {
-            return if pipe_full {
-                Pull::Again
-            } else {
-                Pull::Data { got, asked }
-            };
+            if self.export.inline_writes_backed_off() {
+                let (received, written) = (*received, *written);
+                return self.rest_of_payload_to_worker(received, written, pulled);
+            }
+            return pulled;
         }
         let Phase::SplicePayload { req, .. } = std::mem::replace(&mut self.phase, Phase::Request)
         else {
@@ -1061,11 +1066,41 @@ impl Conn {
                 };
             }
         }
-        if pipe_full {
-            Pull::Again
-        } else {
-            Pull::Data { got, asked }
+        pulled
+    }
+
+    /// A piece of a spliced payload was slow to reach the file (the disk
+    /// throttles writers, most likely): what is not in the file yet goes
+    /// the way of writes that may block, read into a buffer and written by
+    /// a worker, as a write of its own under the same handle. The tail in
+    /// the pipe (less than a page) starts the buffer.
+    fn rest_of_payload_to_worker(&mut self, received: usize, written: usize, pulled: Pull) -> Pull {
+        let Phase::SplicePayload { mut req, .. } =
+            std::mem::replace(&mut self.phase, Phase::Request)
+        else {
+            unreachable!()
+        };
+        let mut buf = vec![0u8; req.length as usize - written];
+        let in_pipe = received - written;
+        let pipe = self.pipe.as_ref().expect("pipe of a spliced payload");
+        if let Err(e) = read_from_pipe(pipe.read.as_fd(), &mut buf[..in_pipe]) {
+            warn!(peer = %self.peer, error = %e, "closing");
+            self.close();
+            return Pull::Closed;
         }
+        debug!(peer = %self.peer, handle = req.handle, written,
+               "a spliced piece was slow, the rest of the payload goes to a worker");
+        // `complete` releases the new length.
+        self.held_bytes -= written;
+        req.offset += written as u64;
+        req.length -= written as u32;
+        self.phase = Phase::Payload {
+            req,
+            fua: false,
+            buf,
+            filled: in_pipe,
+        };
+        pulled
     }
 
     /// This kind of socket cannot splice: read the payload that was to be
