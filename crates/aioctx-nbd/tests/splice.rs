@@ -15,6 +15,10 @@ use common::{path_str, Client, Reply, Server};
 /// Logged at trace level for every write whose payload is spliced.
 const SPLICED_LOG: &str = "write payload spliced";
 
+/// Server options for tests that need their writes spliced: a write that takes over 1 ms (as
+/// one may on a loaded machine) would otherwise send writes to workers for 100 ms.
+const NEVER_SLOW: [&str; 2] = ["--inline-write-slow-ns", "100000000000"];
+
 const IMAGE_SIZE: usize = 12 << 20;
 
 #[derive(Clone, Copy, Debug)]
@@ -77,7 +81,7 @@ fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
     let dir = common::scratch();
     let img = dir.path().join("disk.img");
     common::make_image(&img, IMAGE_SIZE as u64, |_| None);
-    let mut args = vec!["-t", "-vv"];
+    let mut args = vec!["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1]];
     args.extend_from_slice(extra_args);
     args.push(path_str(&img));
     let (server, mut c) = start(transport, &dir, &args);
@@ -237,7 +241,11 @@ fn failed_spliced_write_gets_an_error_and_the_stream_stays_in_sync() {
     let dir = common::scratch();
     let img = dir.path().join("disk.img");
     common::make_image(&img, 1 << 20, |_| None);
-    let (server, mut c) = start(Transport::Tcp, &dir, &["-t", "-vv", path_str(&img)]);
+    let (server, mut c) = start(
+        Transport::Tcp,
+        &dir,
+        &["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1], path_str(&img)],
+    );
     let data = pattern(1, 65536);
     // Three good writes: from the second on, payloads are spliced.
     for h in 1..=3u64 {
@@ -314,7 +322,11 @@ fn pieces_ending_mid_page_read_nothing_from_disk() {
         f.sync_all().unwrap();
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
     }
-    let (server, mut c) = start(Transport::Tcp, &dir, &["-t", "-vv", path_str(&img)]);
+    let (server, mut c) = start(
+        Transport::Tcp,
+        &dir,
+        &["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1], path_str(&img)],
+    );
     // Turns exact header reads on; a whole aligned page range, nothing to read.
     let mut b = write_request(1, 0, 0, 65536);
     b.extend_from_slice(&pattern(1, 65536));
@@ -362,7 +374,11 @@ fn stalled_payload_gives_busy_polling_back() {
     let dir = common::scratch();
     let img = dir.path().join("disk.img");
     common::make_image(&img, 1 << 20, |_| None);
-    let (server, mut c) = start(Transport::Tcp, &dir, &["-t", "-vv", path_str(&img)]);
+    let (server, mut c) = start(
+        Transport::Tcp,
+        &dir,
+        &["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1], path_str(&img)],
+    );
     let data = pattern(1, 65536);
     let mut b = write_request(1, 0, 65536, 65536);
     b.extend_from_slice(&data);
