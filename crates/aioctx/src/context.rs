@@ -597,7 +597,7 @@ impl AioContext {
 
         let mut timeout = if blocking { inner.compute_timeout() } else { 0 };
         // Busy-polling, strictly before the sleep is announced (see the polling module).
-        let mut spin = if blocking && inner.polling.enabled() {
+        let spin = if blocking && inner.polling.enabled() {
             Some(inner.try_poll_mode(&mut timeout))
         } else {
             None
@@ -612,48 +612,52 @@ impl AioContext {
         // The same goes for a spin that found work after asking every handler's io_poll, but
         // not for one that found readiness in the back end (it must be collected), and a spin
         // whose own wait collected events has done this poll's wait.
-        let then = spin
-            .as_mut()
-            .map(|s| std::mem::replace(&mut s.then, AfterSpin::Wait));
-        let mut waited = match then {
-            Some(AfterSpin::Collected(epoch, events)) => Some((epoch, events)),
-            then => {
-                let has_fds = inner.handlers.count() != 0;
-                let must_wait = match then {
-                    Some(AfterSpin::Collect) => true,
-                    Some(AfterSpin::Skip) => timeout != 0,
-                    _ => timeout != 0 || has_fds,
-                };
-                must_wait.then(|| {
-                    if timeout > 0 {
-                        sys::prepare_timed_wait();
-                    }
-                    if timeout != 0 {
-                        Counters::bump(&core.counters.blocking_waits);
-                    }
-                    let mut events = inner.take_buffer();
-                    let epoch = inner.wait(&mut events, timeout);
-                    (epoch, events)
-                })
-            }
+        let (then, spun) = match spin {
+            Some(polling::Spin {
+                start,
+                then,
+                tokens,
+            }) => (then, Some((start, tokens))),
+            None => (AfterSpin::Wait, None),
+        };
+        let must_wait = match &then {
+            AfterSpin::Collected(..) => false,
+            AfterSpin::Collect => true,
+            AfterSpin::Skip => timeout != 0,
+            AfterSpin::Wait => timeout != 0 || inner.handlers.count() != 0,
+        };
+        let mut waited = if let AfterSpin::Collected(epoch, events) = then {
+            Some((epoch, events))
+        } else {
+            must_wait.then(|| {
+                if timeout > 0 {
+                    sys::prepare_timed_wait();
+                }
+                if timeout != 0 {
+                    Counters::bump(&core.counters.blocking_waits);
+                }
+                let mut events = inner.take_buffer();
+                let epoch = inner.wait(&mut events, timeout);
+                (epoch, events)
+            })
         };
         if announced {
             core.wake.end_wait();
         }
         core.notify_accept();
 
-        if let Some(spin) = spin {
+        if let Some((start, tokens)) = spun {
             // Before any callback runs: handler time is not polling time.
-            let block_ns = spin.start.elapsed().as_nanos().min(u128::from(u64::MAX));
+            let block_ns = start.elapsed().as_nanos().min(u128::from(u64::MAX));
             inner.polling.adjust(block_ns as u64);
-            if !spin.tokens.is_empty() {
+            if !tokens.is_empty() {
                 let (_, events) = waited.get_or_insert_with(|| {
                     (
                         inner.wait_epoch.load(Ordering::Relaxed),
                         inner.take_buffer(),
                     )
                 });
-                polling::merge_readable(events, &spin.tokens);
+                polling::merge_readable(events, &tokens);
             }
         }
 
@@ -798,7 +802,7 @@ impl Inner {
         let window = self.polling.window_ns();
         let all_pollable = self.handlers.unpollable() == 0;
         let readiness = self.poller.readiness();
-        if *timeout == 0 || window == 0 || !(all_pollable || readiness != Readiness::Hidden) {
+        if *timeout == 0 || window == 0 || (readiness == Readiness::Hidden && !all_pollable) {
             return polling::Spin::idle(start);
         }
         self.poller.flush();
