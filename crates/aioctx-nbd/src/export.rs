@@ -106,15 +106,15 @@ pub(crate) fn read_from_pipe(pipe: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result
             Ok(0) | Err(Errno::AGAIN) => return Err(pipe_empty()),
             Ok(n) => done += n,
             Err(Errno::INTR) => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("read from the payload pipe: {e}"),
-                ))
-            }
+            Err(e) => return Err(errno_error("read from the payload pipe", e)),
         }
     }
     Ok(())
+}
+
+/// An error from the system call `call`, named in its message.
+pub(crate) fn errno_error(call: &str, e: Errno) -> io::Error {
+    io::Error::new(io::Error::from(e).kind(), format!("{call}: {e}"))
 }
 
 fn pipe_empty() -> io::Error {
@@ -138,7 +138,12 @@ impl Export {
     pub fn open(path: &Path, read_only: bool) -> io::Result<Export> {
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let size = rustix::fs::seek(&file, SeekFrom::End(0))?;
-        Ok(Export {
+        Ok(Export::with_file(file, size, read_only))
+    }
+
+    /// An export of `size` bytes of `file`, with every setting at its default.
+    fn with_file(file: File, size: u64, read_only: bool) -> Export {
+        Export {
             file,
             size,
             read_only,
@@ -148,7 +153,7 @@ impl Export {
             epoch: Instant::now(),
             sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
             splice_writes: AtomicBool::new(!read_only),
-        })
+        }
     }
 
     /// Creates a sparse temporary image of `size` bytes in `dir`. The file
@@ -168,22 +173,7 @@ impl Export {
                     let res = file.set_len(size);
                     std::fs::remove_file(&path)?;
                     res?;
-                    return Ok((
-                        Export {
-                            file,
-                            size,
-                            read_only: false,
-                            nowait_writes: AtomicBool::new(true),
-                            inline_writes_after: AtomicU64::new(0),
-                            inline_write_slow_ns: AtomicU64::new(
-                                INLINE_WRITE_SLOW.as_nanos() as u64
-                            ),
-                            epoch: Instant::now(),
-                            sendfile_min: AtomicUsize::new(SENDFILE_MIN_DEFAULT),
-                            splice_writes: AtomicBool::new(true),
-                        },
-                        path,
-                    ));
+                    return Ok((Export::with_file(file, size, false), path));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
@@ -447,10 +437,7 @@ impl Export {
                         return self.copy_from_pipe(pipe, pos, left);
                     }
                     Err(e) => {
-                        return Err(io::Error::new(
-                            io::Error::from(e).kind(),
-                            format!("splice from the payload pipe into the image: {e}"),
-                        ))
+                        return Err(errno_error("splice from the payload pipe into the image", e))
                     }
                 }
             }

@@ -7,6 +7,8 @@ use std::os::fd::OwnedFd;
 use rustix::io::Errno;
 use rustix::pipe::PipeFlags;
 
+use crate::export::errno_error;
+
 /// Size of the input buffer; a full option (64 KiB) always fits.
 const INBUF_SIZE: usize = 256 * 1024;
 /// Size asked for the pipe that spliced payloads pass through. A payload
@@ -59,12 +61,12 @@ pub(super) struct PayloadPipe {
 impl PayloadPipe {
     pub(super) fn new() -> io::Result<PayloadPipe> {
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("pipe2: {e}")))?;
+            .map_err(|e| errno_error("pipe2", e))?;
         // Past the per-user pipe budget (fs.pipe-user-pages-soft) the
         // kernel refuses to grow pipes, and new ones get two slots.
         let capacity = rustix::pipe::fcntl_setpipe_size(&write, PAYLOAD_PIPE_SIZE)
             .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
-            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("F_GETPIPE_SZ: {e}")))?;
+            .map_err(|e| errno_error("F_GETPIPE_SZ", e))?;
         if capacity < PAYLOAD_PIPE_MIN {
             return Err(io::Error::other(format!(
                 "a pipe of {capacity} bytes (the user's pipe budget is spent)"
@@ -85,12 +87,7 @@ impl PayloadPipe {
             match rustix::io::read(&self.read, &mut scratch) {
                 Ok(0) | Err(Errno::AGAIN) => return Ok(()),
                 Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("read from the payload pipe: {e}"),
-                    ))
-                }
+                Err(e) => return Err(errno_error("read from the payload pipe", e)),
             }
         }
     }

@@ -9,7 +9,7 @@ use rustix::io::Errno;
 use tracing::debug;
 
 use super::Stream;
-use crate::export::Export;
+use crate::export::{errno_error, Export};
 
 /// Slices per `writev` (well under `IOV_MAX`).
 const IOV_BATCH: usize = 128;
@@ -138,10 +138,7 @@ impl OutQueue {
                     Err(Errno::AGAIN) => return Ok(false),
                     Err(Errno::INTR) => {}
                     Err(e @ (Errno::PIPE | Errno::CONNRESET)) => {
-                        return Err(io::Error::new(
-                            io::Error::from(e).kind(),
-                            format!("sendfile: {e}"),
-                        ))
+                        return Err(errno_error("sendfile", e))
                     }
                     Err(e) => {
                         // The file side failed: a file system without
@@ -187,12 +184,7 @@ impl OutQueue {
                 Ok(n) => self.advance(n),
                 Err(Errno::AGAIN) => return Ok(false),
                 Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("sendmsg: {e}"),
-                    ))
-                }
+                Err(e) => return Err(errno_error("sendmsg", e)),
             }
         }
         Ok(true)
