@@ -983,7 +983,7 @@ impl Conn {
         let pipe = self.pipe.as_ref().expect("pipe of a spliced payload");
         let len = req.length as usize;
         let in_pipe = *received - *written;
-        // Less than a page waits in the pipe, which holds at least 16.
+        // Less than a page waits in the pipe, which holds at least 64 KiB.
         let asked = (len - *received).min(pipe.capacity - in_pipe);
         let mut pipe_full = false;
         let got = match rustix::pipe::splice(
@@ -1018,14 +1018,16 @@ impl Conn {
         } else {
             *received / page * page
         };
-        let mut result = Ok(());
-        if upto > *written {
+        let result = if upto > *written {
             let offset = req.offset + *written as u64;
-            result = self
+            let res = self
                 .export
                 .write_from_pipe(pipe.read.as_fd(), offset, upto - *written);
             *written = upto;
-        }
+            res
+        } else {
+            Ok(())
+        };
         let left = len - *received;
         if let Err(e) = &result {
             if let Err(discard) = pipe.discard() {
@@ -1042,8 +1044,14 @@ impl Conn {
         };
         if result.is_ok() && !complete {
             if self.export.inline_writes_backed_off() {
+                // A piece was slow to reach the file (the disk throttles writers, most
+                // likely): the rest goes the way of writes that may block, to a worker.
+                debug!(peer = %self.peer, handle = req.handle, written = *written,
+                       "a spliced piece was slow, the rest of the payload goes to a worker");
                 let (received, written) = (*received, *written);
-                return self.rest_of_payload_to_worker(received, written, pulled);
+                if !self.rest_of_payload_to_buffer(received, written) {
+                    return Pull::Closed;
+                }
             }
             return pulled;
         }
@@ -1069,27 +1077,27 @@ impl Conn {
         pulled
     }
 
-    /// A piece of a spliced payload was slow to reach the file (the disk
-    /// throttles writers, most likely): what is not in the file yet goes
-    /// the way of writes that may block, read into a buffer and written by
-    /// a worker, as a write of its own under the same handle. The tail in
-    /// the pipe (less than a page) starts the buffer.
-    fn rest_of_payload_to_worker(&mut self, received: usize, written: usize, pulled: Pull) -> Pull {
+    /// Stops splicing the current payload: what is not in the file yet
+    /// (`written` bytes are) is read into a buffer like any other payload,
+    /// as a write of its own under the same handle. What the pipe holds
+    /// (`received - written` bytes, less than a page) starts the buffer.
+    /// False if the pipe failed and the connection is closed.
+    fn rest_of_payload_to_buffer(&mut self, received: usize, written: usize) -> bool {
         let Phase::SplicePayload { mut req, .. } =
             std::mem::replace(&mut self.phase, Phase::Request)
         else {
-            unreachable!()
+            unreachable!("not a spliced payload")
         };
-        let mut buf = vec![0u8; req.length as usize - written];
         let in_pipe = received - written;
-        let pipe = self.pipe.as_ref().expect("pipe of a spliced payload");
-        if let Err(e) = read_from_pipe(pipe.read.as_fd(), &mut buf[..in_pipe]) {
-            warn!(peer = %self.peer, error = %e, "closing");
-            self.close();
-            return Pull::Closed;
+        let mut buf = self.payload_buffer(req.length as usize - written);
+        if in_pipe > 0 {
+            let pipe = self.pipe.as_ref().expect("pipe of a spliced payload");
+            if let Err(e) = read_from_pipe(pipe.read.as_fd(), &mut buf[..in_pipe]) {
+                warn!(peer = %self.peer, error = %e, "closing");
+                self.close();
+                return false;
+            }
         }
-        debug!(peer = %self.peer, handle = req.handle, written,
-               "a spliced piece was slow, the rest of the payload goes to a worker");
         // `complete` releases the new length.
         self.held_bytes -= written;
         req.offset += written as u64;
@@ -1100,7 +1108,7 @@ impl Conn {
             buf,
             filled: in_pipe,
         };
-        pulled
+        true
     }
 
     /// This kind of socket cannot splice: read the payload that was to be
@@ -1108,20 +1116,10 @@ impl Conn {
     /// all later ones.
     fn payload_without_splice(&mut self) -> Pull {
         info!(peer = %self.peer, "socket cannot splice, copying write payloads");
+        self.rest_of_payload_to_buffer(0, 0);
         self.no_splice = true;
         self.pipe = None;
         self.exact_headers = false;
-        let Phase::SplicePayload { req, .. } = std::mem::replace(&mut self.phase, Phase::Request)
-        else {
-            unreachable!()
-        };
-        let buf = self.payload_buffer(req.length as usize);
-        self.phase = Phase::Payload {
-            req,
-            fua: false,
-            buf,
-            filled: 0,
-        };
         Pull::Again
     }
 
