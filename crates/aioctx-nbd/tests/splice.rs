@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use aioctx_nbd::proto::{cmd, cmd_flags, encode_request, Request};
@@ -27,7 +27,25 @@ enum Transport {
     Unix,
 }
 
-fn start(transport: Transport, dir: &tempfile::TempDir, args: &[&str]) -> (Server, Client) {
+/// A zeroed, sparse image of `size` bytes in `dir`.
+fn blank_image(dir: &tempfile::TempDir, size: usize) -> PathBuf {
+    let img = dir.path().join("disk.img");
+    common::make_image(&img, size as u64, |_| None);
+    img
+}
+
+/// A server on `img` (persistent, logging at trace level, with `options`) and a client in the
+/// transmission phase.
+fn serve(
+    transport: Transport,
+    dir: &tempfile::TempDir,
+    img: &Path,
+    options: &[&str],
+) -> (Server, Client) {
+    let mut args = vec!["-t", "-vv"];
+    args.extend_from_slice(options);
+    args.push(path_str(img));
+    let args = &args;
     let sock = dir.path().join("nbd.sock");
     let server = match transport {
         Transport::Tcp => Server::start(args),
@@ -79,12 +97,9 @@ fn read_back(c: &mut Client, handle: u64, offset: u64, len: usize) -> Vec<u8> {
 /// Returns the server's log.
 fn writes_land_exactly(transport: Transport, extra_args: &[&str]) -> String {
     let dir = common::scratch();
-    let img = dir.path().join("disk.img");
-    common::make_image(&img, IMAGE_SIZE as u64, |_| None);
-    let mut args = vec!["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1]];
-    args.extend_from_slice(extra_args);
-    args.push(path_str(&img));
-    let (server, mut c) = start(transport, &dir, &args);
+    let img = blank_image(&dir, IMAGE_SIZE);
+    let options = [&NEVER_SLOW[..], extra_args].concat();
+    let (server, mut c) = serve(transport, &dir, &img, &options);
     let mut model = vec![0u8; IMAGE_SIZE];
     let mut handle = 0u64;
     let mut write = |model: &mut Vec<u8>, flags: u16, off: u64, len: usize| {
@@ -239,13 +254,8 @@ impl Drop for Immutable<'_> {
 #[test]
 fn failed_spliced_write_gets_an_error_and_the_stream_stays_in_sync() {
     let dir = common::scratch();
-    let img = dir.path().join("disk.img");
-    common::make_image(&img, 1 << 20, |_| None);
-    let (server, mut c) = start(
-        Transport::Tcp,
-        &dir,
-        &["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1], path_str(&img)],
-    );
+    let img = blank_image(&dir, 1 << 20);
+    let (server, mut c) = serve(Transport::Tcp, &dir, &img, &NEVER_SLOW);
     let data = pattern(1, 65536);
     // Three good writes: from the second on, payloads are spliced.
     for h in 1..=3u64 {
@@ -322,11 +332,7 @@ fn pieces_ending_mid_page_read_nothing_from_disk() {
         f.sync_all().unwrap();
         rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
     }
-    let (server, mut c) = start(
-        Transport::Tcp,
-        &dir,
-        &["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1], path_str(&img)],
-    );
+    let (server, mut c) = serve(Transport::Tcp, &dir, &img, &NEVER_SLOW);
     // Turns exact header reads on; a whole aligned page range, nothing to read.
     let mut b = write_request(1, 0, 0, 65536);
     b.extend_from_slice(&pattern(1, 65536));
@@ -372,13 +378,8 @@ fn pieces_ending_mid_page_read_nothing_from_disk() {
 #[test]
 fn stalled_payload_gives_busy_polling_back() {
     let dir = common::scratch();
-    let img = dir.path().join("disk.img");
-    common::make_image(&img, 1 << 20, |_| None);
-    let (server, mut c) = start(
-        Transport::Tcp,
-        &dir,
-        &["-t", "-vv", NEVER_SLOW[0], NEVER_SLOW[1], path_str(&img)],
-    );
+    let img = blank_image(&dir, 1 << 20);
+    let (server, mut c) = serve(Transport::Tcp, &dir, &img, &NEVER_SLOW);
     let data = pattern(1, 65536);
     let mut b = write_request(1, 0, 65536, 65536);
     b.extend_from_slice(&data);
@@ -397,13 +398,8 @@ fn stalled_payload_gives_busy_polling_back() {
 #[test]
 fn slow_piece_sends_the_rest_of_the_payload_to_a_worker() {
     let dir = common::scratch();
-    let img = dir.path().join("disk.img");
-    common::make_image(&img, 16 << 20, |_| None);
-    let (server, mut c) = start(
-        Transport::Tcp,
-        &dir,
-        &["-t", "-vv", "--inline-write-slow-ns", "0", path_str(&img)],
-    );
+    let img = blank_image(&dir, 16 << 20);
+    let (server, mut c) = serve(Transport::Tcp, &dir, &img, &["--inline-write-slow-ns", "0"]);
     // The first write's payload comes in with its header and is copied (through a worker: it
     // is too big to write inline, so nothing is timed); the second one's header is read alone
     // and its payload spliced, until the first piece in the file turns out "slow".
