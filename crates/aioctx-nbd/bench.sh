@@ -15,8 +15,9 @@
 # servers, and prints medians (default 3), BENCH_SCALE=N multiplies the
 # request counts (default 1), BENCH_DIV=N divides them (default 1),
 # SERVERS="..." picks the servers
-# (default: aioctx-nbd and the three peers). aioctx-nbd runs with its
-# defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB,
+# (default: aioctx-nbd and the three peers), TESTS="..." picks the lines
+# by name (default: all five, e.g. TESTS="64k-write-d32 4k-read-d1").
+# aioctx-nbd runs with its defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB,
 # splice for page-aligned writes from 32 KiB); it can also run as
 # aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-copy (--no-sendfile:
 # every read copied through a buffer), aioctx-nbd-nosplice (--no-splice:
@@ -140,6 +141,7 @@ printf '%12s\n' "ratio"
 for t in "${tests[@]}"; do
     name=${t%%|*}
     args=${t#*|}
+    if [ -n "${TESTS:-}" ] && [[ " $TESTS " != *" $name "* ]]; then continue; fi
     count=$(sed -E 's/.*-c ([0-9]+).*/\1/' <<<"$args")
     declare -A runs=()
     # Rounds interleave the servers, so that a slow spell of this noisy
@@ -149,8 +151,10 @@ for t in "${tests[@]}"; do
             [ "${port[$s]}" = unavailable ] && continue
             # Some VMs evict cold pages on their own (DAMON): bring the
             # image back into the page cache so every run measures cached
-            # reads.
+            # reads. Write back what the previous run dirtied, so that
+            # its writeback (due 30 s later) does not land in this run.
             cat "$img" >/dev/null
+            sync "$img"
             # shellcheck disable=SC2086
             if out=$(qemu-img bench -f raw $args "nbd://127.0.0.1:${port[$s]}" 2>&1); then
                 secs=$(sed -nE 's/.*Run completed in ([0-9.]+) seconds.*/\1/p' <<<"$out")
