@@ -133,6 +133,9 @@ pub(crate) trait Poller: Send + Sync {
 /// busy loop none extra: what the spin collects is the poll's wait). With io_uring the answer
 /// is in the completion ring and costs nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+// The Windows back end keeps the default answer, `Hidden`: it has no zero-timeout probe for
+// a spin to ask, so there only handlers with `io_poll` are spun on, as in QEMU.
+#[cfg_attr(windows, allow(dead_code))]
 pub(crate) enum Readiness {
     /// Only a blocking wait sees readiness: spin only while every handler has an `io_poll`.
     Hidden,
