@@ -14,11 +14,11 @@
 # Environment: BENCH_ROUNDS=N runs every cell N times, interleaving the
 # servers, and prints medians (default 3), BENCH_SCALE=N multiplies the
 # request counts (default 1), BENCH_DIV=N divides them (default 1),
-# SERVERS="..." picks the servers
-# (default: aioctx-nbd and the three peers), TESTS="..." picks the lines
-# by name (default: all five, e.g. TESTS="64k-write-d32 4k-read-d1").
-# aioctx-nbd runs with its defaults (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB,
-# splice for page-aligned writes from 32 KiB); it can also run as
+# SERVERS="..." picks the servers (default: aioctx-nbd and the three
+# peers), TESTS="..." picks the lines by name (default: all five, e.g.
+# TESTS="64k-write-d32 4k-read-d1"). aioctx-nbd runs with its defaults
+# (epoll, --poll-max-ns 65536, sendfile for reads from 16 KiB, splice for
+# page-aligned writes from 32 KiB); it can also run as
 # aioctx-nbd-nopoll (--poll-max-ns 0), aioctx-nbd-copy (--no-sendfile:
 # every read copied through a buffer), aioctx-nbd-nosplice (--no-splice:
 # every write payload read into a buffer), aioctx-nbd-io_uring
@@ -120,6 +120,10 @@ for s in "${servers[@]}"; do
         qemu-nbd-threads | qemu-nbd-io_uring | nbdkit-file) ;;
         *) echo "bench.sh: unknown server $s" >&2; exit 1 ;;
     esac
+done
+names=" ${tests[*]%%|*} "
+for t in ${TESTS:-}; do
+    [[ "$names" == *" $t "* ]] || { echo "bench.sh: unknown test $t (one of:$names)" >&2; exit 1; }
 done
 
 for s in "${servers[@]}"; do
